@@ -292,6 +292,11 @@ class BloomModel(BloomPreTrainedModel):
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.word_embeddings(input_ids)
         B, T, _ = inputs_embeds.shape
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise TypeError(
+                f"past_key_values must be a bloom.KVCache, got {type(past_key_values).__name__} "
+                "(it is the second positional argument: pass attention_mask by keyword)"
+            )
         if use_cache and past_key_values is None:
             past_key_values = KVCache(cfg.n_layer)
         past = past_key_values.length if past_key_values is not None else 0
