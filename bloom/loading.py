@@ -199,6 +199,8 @@ def load_pretrained(cls, directory, *, dtype=None, device_map=None, max_memory=N
     on_disk = "disk" in device_map.values()
     if on_disk and offload_folder is None:
         raise ValueError("device_map places modules on 'disk': pass offload_folder= (a directory for their weights)")
+    if on_disk:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
     offload_index = {}
     handles = {}
     try:
