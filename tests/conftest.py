@@ -7,26 +7,16 @@ import json
 import pytest
 import torch
 
+from bloom.tiny import randomise_, sample_tokenizer
+
 TINY = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=8, pad_token_id=3, bos_token_id=1, eos_token_id=2)
-
-
-def randomise(model: torch.nn.Module, std: float, seed: int = 0) -> None:
-    """Spread every weight, LayerNorms included, so a random model has varied, non-degenerate outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name or "ln_f" in name:
-                p.copy_(1 + 0.3 * (2 * torch.rand(p.shape, generator=g) - 1) if name.endswith("weight")
-                        else 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
     """make_checkpoint(cls_name="BloomForCausalLM", std=None, seed=0, **config) -> directory.
 
-    The reference builds the model (its own init, or `randomise` with std) and saves it with
+    The reference builds the model (its own init, or `randomise_` with std) and saves it with
     `save_pretrained`, exactly as a real fine-tuned checkpoint is written. Cached per arguments."""
     import transformers
 
@@ -39,7 +29,7 @@ def make_checkpoint(tmp_path_factory):
             cfg = transformers.BloomConfig(**{**TINY, **config})
             model = getattr(transformers, cls_name)(cfg).eval()
             if std is not None:
-                randomise(model, std, seed)
+                randomise_(model, std, seed)
             path = tmp_path_factory.mktemp(cls_name.lower())
             model.save_pretrained(path)
             cache[key] = path
@@ -60,3 +50,9 @@ def left_padded(batch: list[list[int]], pad: int = 3) -> tuple[torch.Tensor, tor
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in batch])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in batch])
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A BLOOM-style tokenizer with 512 ids, trained on the package's multilingual sample text."""
+    return sample_tokenizer(512)
