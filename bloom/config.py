@@ -110,7 +110,14 @@ class BloomConfig:
     @classmethod
     def from_dict(cls, values: dict, **overrides) -> "BloomConfig":
         """Build from a `config.json` dict; old key spellings are accepted, unknown keys kept in `extra`."""
-        values = {**values, **overrides}
+        values = dict(values)
+        values.pop("model_type", None)
+        # Labels overridden one way replace the file's labels the other way too (a new head's size).
+        if "id2label" in overrides or "num_labels" in overrides:
+            for key in ("num_labels", "id2label", "label2id"):
+                if key not in overrides:
+                    values.pop(key, None)
+        values.update(overrides)
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs, extra = {}, dict(values.pop("extra", {}) or {})
         for key, value in values.items():
