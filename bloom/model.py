@@ -404,7 +404,7 @@ class BloomForCausalLM(GenerationMixin, _BloomWithHead):
         logits_to_keep: compute logits for only the last n positions (0 = all)."""
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
-            past_key_values=past_key_values if past_key_values is not None else cache,
+            past_key_values=past_key_values, cache=cache,
             head_mask=head_mask, use_cache=use_cache,
         )
         h = body.last_hidden_state
@@ -447,7 +447,7 @@ class BloomForSequenceClassification(_BloomWithHead):
         the loss chosen by config.problem_type (inferred as the reference does when unset)."""
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
-            past_key_values=past_key_values if past_key_values is not None else cache,
+            past_key_values=past_key_values, cache=cache,
             head_mask=head_mask, use_cache=use_cache,
         )
         logits = self.score(body.last_hidden_state)  # (B, T, num_labels)
@@ -518,7 +518,7 @@ class BloomForTokenClassification(_BloomWithHead):
     ) -> TokenClassifierOutput | tuple:
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
-            past_key_values=past_key_values if past_key_values is not None else cache,
+            past_key_values=past_key_values, cache=cache,
             head_mask=head_mask, use_cache=False if use_cache is None else use_cache,
         )
         logits = self.classifier(self.dropout(body.last_hidden_state))
