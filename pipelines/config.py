@@ -1,0 +1,146 @@
+"""LabelConfig: everything a labeling run needs, from the command line, a YAML file, or code.
+
+Task parameters decide what is computed (they enter the run's fingerprint); resource knobs decide how
+(actors, GPUs, token budget) and can change between a killed run and its resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = ("generate", "classify", "ner", "qa")
+AGGREGATIONS = ("none", "simple", "first", "average", "max")
+
+
+@dataclass
+class LabelConfig:
+    # --- what to label ---
+    task: str = "generate"
+    model: str = ""  # checkpoint directory (or hub id, fetched once when huggingface_hub is installed)
+    input: list[str] = field(default_factory=list)  # Parquet files, directories, globs; local, s3://, gs://
+    output: str = ""  # output directory (Parquet parts + run report)
+    text_column: str = "text"
+    id_column: str = "id"
+    keep_columns: list[str] = field(default_factory=list)  # passed through besides the id column
+    prompt_template: str | None = None  # e.g. "Summarize: {text}"; generate and zero-shot classify
+    question_column: str = "question"  # qa
+    context_column: str = "context"  # qa
+    # --- generate ---
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    # --- classify ---
+    candidate_labels: list[str] = field(default_factory=list)  # non-empty: zero-shot with a causal LM
+    label_prefix: str = " "  # put between the prompt and each candidate label
+    threshold: float = 0.5  # multi-label: labels whose probability reaches it
+    # --- ner ---
+    aggregation_strategy: str = "simple"
+    ignore_labels: list[str] = field(default_factory=lambda: ["O"])
+    stride: int = 32  # tokens shared by consecutive windows of a long text (ner, qa)
+    # --- qa ---
+    max_answer_len: int = 30
+    # --- limits and errors ---
+    max_input_tokens: int = 1024  # per row (per window for ner/qa)
+    too_long: str = "error"  # or "truncate" (keeps the start; flags the row)
+    max_text_chars: int = 200_000  # longer texts are errors before tokenizing
+    max_errored_rows: int | None = None
+    max_errored_fraction: float | None = 0.1
+    overwrite: bool = False
+    # --- resources (not part of the fingerprint) ---
+    dtype: str = "float32"
+    device_map: str | None = None  # e.g. "auto" to spread a replica over an actor's GPUs
+    num_actors: int | None = None  # pool max size; None: as many as the cluster fits
+    min_actors: int = 1
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    num_cpus_per_actor: float | None = None  # None: 1 with GPUs; CPU-only: the cluster's CPUs minus one, split
+    batch_token_budget: int = 8192  # padded tokens per forward
+    rows_per_batch: int = 256  # rows handed to an actor at a time
+
+    RESOURCE_FIELDS = frozenset({
+        "input", "output", "overwrite", "dtype", "device_map", "num_actors", "min_actors",
+        "num_gpus_per_actor", "num_cpus_per_actor", "batch_token_budget", "rows_per_batch",
+        "max_errored_rows", "max_errored_fraction",
+    })
+
+    def __post_init__(self):
+        if isinstance(self.input, str):
+            self.input = [self.input]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field at fault."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.aggregation_strategy not in AGGREGATIONS:
+            raise ValueError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation_strategy!r}")
+        if self.too_long not in ("error", "truncate"):
+            raise ValueError(f"too_long must be 'error' or 'truncate', got {self.too_long!r}")
+        for name in ("max_new_tokens", "max_input_tokens", "batch_token_budget", "rows_per_batch", "min_actors",
+                     "max_text_chars", "max_answer_len"):
+            if getattr(self, name) < (0 if name == "max_new_tokens" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.num_actors is not None and self.num_actors < self.min_actors:
+            raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
+        if self.task in ("ner", "qa") and not 0 <= self.stride < self.max_input_tokens // 2:
+            raise ValueError(f"stride must be in [0, max_input_tokens / 2), got {self.stride}")
+        if self.max_errored_fraction is not None and not 0 <= self.max_errored_fraction <= 1:
+            raise ValueError(f"max_errored_fraction must be in [0, 1], got {self.max_errored_fraction}")
+        if self.prompt_template is not None and "{" not in self.prompt_template:
+            raise ValueError("prompt_template must name at least one column, e.g. 'Summarize: {text}'")
+        if self.task == "classify" and len(self.candidate_labels) == 1:
+            raise ValueError("zero-shot classification needs at least two candidate_labels")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LabelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}; valid ones: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "LabelConfig":
+        """Settings from a YAML mapping; keyword overrides (e.g. command-line flags) win."""
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config file {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings")
+        return cls.from_dict({**{k.replace("-", "_"): v for k, v in values.items()}, **overrides})
+
+    def task_params(self) -> dict:
+        """The settings that decide the output's content (everything but paths and resources)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESOURCE_FIELDS and k != "model"}
+
+    def fingerprint(self, model_fingerprint: str) -> str:
+        """sha256 of the model's identity and the task parameters: a resumed or appended run must match it."""
+        blob = json.dumps({"model": model_fingerprint, "params": self.task_params()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_fingerprint(directory: str | Path) -> str:
+    """sha256 of a checkpoint's config, tokenizer, and safetensors headers and sizes (cheap: no weights read,
+    yet any retrained or re-exported checkpoint changes it)."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+        path = directory / name
+        if path.exists():
+            h.update(name.encode() + path.read_bytes())
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(path.name.encode() + f.read(min(n, 100_000_000)) + str(path.stat().st_size).encode())
+    return h.hexdigest()

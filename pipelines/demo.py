@@ -1,0 +1,53 @@
+"""The embedded default: a tiny demo checkpoint per task and a demo Parquet corpus, built if absent.
+
+With no --model and no --input, `jobs/label_corpus.py` labels this corpus with this checkpoint, so the
+whole job runs on a fresh machine with no network. The weights are random: labels are meaningless,
+but every step (checkpoint loading, Ray Data, actors, Parquet, resume) is the real one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import bloom
+from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint
+
+DEMO_ROOT = Path(__file__).resolve().parent.parent / "demo"
+DEMO_HEADS = {
+    "generate": (bloom.BloomForCausalLM, {}),
+    "classify": (bloom.BloomForSequenceClassification, {"id2label": {0: "negative", 1: "neutral", 2: "positive"}}),
+    "ner": (bloom.BloomForTokenClassification,
+            {"id2label": {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "B-ORG", 6: "I-ORG"}}),
+    "qa": (bloom.BloomForQuestionAnswering, {}),
+}
+QUESTIONS = ["Who wrote the article?", "Which cities are named?", "What does the model do?", "When was it published?"]
+
+
+def demo_checkpoint(task: str, root: Path = DEMO_ROOT) -> Path:
+    """A tiny random checkpoint with the head (and labels) the task needs; built once."""
+    path = root / f"tiny-bloom-{task}"
+    if not (path / "config.json").exists():
+        cls, config = DEMO_HEADS[task]
+        make_tiny_checkpoint(path, cls, **config)
+    return path
+
+
+def demo_corpus(root: Path = DEMO_ROOT, rows: int = 200) -> Path:
+    """A Parquet corpus with columns id, text, question, context (two files, several row groups)."""
+    path = root / "corpus"
+    if not path.exists():
+        path.mkdir(parents=True)
+        texts = [SAMPLE_TEXT[i % len(SAMPLE_TEXT)] * (1 + i % 3) for i in range(rows)]
+        table = pa.table({
+            "id": pa.array([f"doc-{i:05d}" for i in range(rows)]),
+            "text": texts,
+            "question": [QUESTIONS[i % len(QUESTIONS)] for i in range(rows)],
+            "context": texts,
+        })
+        half = rows // 2
+        pq.write_table(table.slice(0, half), path / "part-a.parquet", row_group_size=25)
+        pq.write_table(table.slice(half), path / "part-b.parquet", row_group_size=25)
+    return path

@@ -1,0 +1,199 @@
+"""The offline labeling job: Parquet in → Ray Data → a pool of BloomReplica actors → Parquet out.
+
+`run_label_job(config)` checks everything it can before starting (model, inputs, columns, the output's
+fingerprint), labels only the rows not yet in the output, verifies that the output holds every input
+row exactly once, and writes a run report (`_report.json`) beside the parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import bloom
+
+from .config import LabelConfig, model_fingerprint
+from .corpus import filesystem, list_input_files, list_parts, plan, read_row_groups, scan_output, write_part
+from .replica import BloomReplica, template_fields
+
+logger = logging.getLogger("bloomline")
+RUN_FILE, REPORT_FILE = "_run.json", "_report.json"
+
+
+class JobFailed(RuntimeError):
+    """The job ran but its result is not acceptable (too many errored rows, rows missing or repeated)."""
+
+
+def resolve_model(name: str) -> str:
+    """A local checkpoint directory, or a Hugging Face hub id fetched once into the local cache."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise FileNotFoundError(f"model {name!r} is not a local directory, and huggingface_hub is not "
+                                    "installed to fetch it from the hub (pip install huggingface_hub)") from None
+        try:
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as e:  # network errors, unknown repos, auth: all mean "cannot fetch"
+            raise FileNotFoundError(f"model {name!r} is not a local directory and could not be fetched from "
+                                    f"the hub: {type(e).__name__}: {e}") from None
+    raise FileNotFoundError(f"model directory {name!r} does not exist")
+
+
+def required_columns(config: LabelConfig) -> list[str]:
+    if config.task == "qa":
+        text = [config.question_column, config.context_column]
+    elif config.prompt_template and config.task in ("generate", "classify"):
+        text = template_fields(config.prompt_template)
+    else:
+        text = [config.text_column]
+    return list(dict.fromkeys([config.id_column, *config.keep_columns, *text]))
+
+
+def pool_resources(config: LabelConfig, cluster: dict, node_cpus: float) -> dict:
+    """Actor pool size and per-actor resources from the cluster's resources.
+
+    With GPUs: one actor per `num_gpus_per_actor` GPUs. CPU only: one CPU of the cluster stays free for
+    Ray Data's read and write tasks (a pool holding every CPU starves them and the job hangs), and the
+    rest is shared by the actors, up to 8 CPUs each unless told otherwise."""
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    gpu_each = config.num_gpus_per_actor if config.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpu_each:
+        if gpus < gpu_each:
+            raise ValueError(f"each actor asks for {gpu_each} GPU(s) but the cluster has {gpus:g}")
+        size = config.num_actors or max(1, int(gpus // gpu_each))
+        cpu_each = config.num_cpus_per_actor or 1.0
+    else:
+        spare = cpus - 1 if cpus >= 2 else cpus / 2
+        size = config.num_actors or max(1, int(spare // 8))
+        cpu_each = config.num_cpus_per_actor or spare / size
+    if not gpu_each and cpu_each * size > cpus - min(1.0, cpus / 2) + 1e-9:
+        raise ValueError(f"{size} actor(s) × {cpu_each:g} CPUs would take all {cpus:g} CPUs of the cluster, "
+                         "leaving none for reading and writing: lower num_actors or num_cpus_per_actor")
+    per_node = max(1, min(size, int(node_cpus // cpu_each))) if cpu_each else size
+    threads = max(1, int(node_cpus // per_node)) if not gpu_each else max(1, math.ceil(cpu_each))
+    return {"min_size": min(config.min_actors, size), "max_size": size, "num_cpus": cpu_each,
+            "num_gpus": gpu_each, "threads": threads}
+
+
+def _prepare_output(config: LabelConfig, fingerprint: str) -> None:
+    """Refuse to mix runs: an output written with another model, task or parameters (another fingerprint)
+    is an error unless overwrite is set, which deletes its parts first."""
+    fs, root = filesystem(config.output)
+    run_path = f"{root}/{RUN_FILE}"
+    parts = list_parts(config.output)
+    previous = None
+    if fs.get_file_info(run_path).type.name == "File":
+        with fs.open_input_stream(run_path) as f:
+            previous = json.loads(f.read())
+    if parts or previous:
+        if config.overwrite:
+            for p in parts + [f"{root}/{REPORT_FILE}"]:
+                if fs.get_file_info(p).type.name == "File":
+                    fs.delete_file(p)
+        elif previous is None:
+            raise ValueError(f"output {config.output} holds Parquet parts but no {RUN_FILE}: not written by this "
+                             "job; choose another output or set overwrite")
+        elif previous.get("fingerprint") != fingerprint:
+            raise ValueError(f"output {config.output} was written with another model, task or parameters "
+                             f"(task {previous.get('task')!r}, model {previous.get('model')!r}); set overwrite to "
+                             "replace it or choose another output")
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(run_path) as f:
+        f.write(json.dumps({"fingerprint": fingerprint, "task": config.task, "model": config.model,
+                            "params": config.task_params()}, indent=2, default=str).encode())
+
+
+def _pending(tasks: list[dict], done: dict) -> list[dict]:
+    out = []
+    for t in tasks:
+        rows = done.get(t["source"], ())
+        if sum(1 for r in rows if t["offset"] <= r < t["offset"] + t["num_rows"]) < t["num_rows"]:
+            out.append(t)
+    return out
+
+
+def run_label_job(config: LabelConfig) -> dict:
+    """Label config.input into config.output on the Ray cluster this process is connected to.
+
+    Returns the run report (also written to <output>/_report.json). Raises FileNotFoundError /
+    ValueError before any work for bad models, inputs, columns or outputs, and JobFailed when the
+    errored rows pass the configured threshold (the labeled rows are kept)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    start = time.time()
+    config = dataclasses.replace(config, model=resolve_model(config.model))
+    bloom.BloomConfig.from_pretrained(config.model)  # a clear error now rather than in every actor
+    if not (Path(config.model) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {config.model}")
+    if not config.output:
+        raise ValueError("no output given")
+    files = list_input_files(config.input)
+    tasks = plan(files, required_columns(config))
+    rows_in = sum(t["num_rows"] for t in tasks)
+    fingerprint = config.fingerprint(model_fingerprint(config.model))
+    _prepare_output(config, fingerprint)
+    done, _ = scan_output(config.output)
+    pending = _pending(tasks, done)
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
+    pool = pool_resources(config, ray.cluster_resources(), node_cpus)
+    run_rows = 0
+    if pending:
+        logger.info("labeling %d row groups with %s", len(pending), pool)
+        partial = {t["source"]: done[t["source"]] for t in pending if t["source"] in done}
+        columns = required_columns(config)
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"columns": columns, "done": partial})
+        ds = ds.map_batches(
+            BloomReplica, fn_constructor_kwargs={"config": config, "num_threads": pool["threads"]},
+            compute=ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
+            batch_size=config.rows_per_batch, batch_format="pyarrow", num_cpus=pool["num_cpus"],
+            num_gpus=pool["num_gpus"], max_restarts=-1, max_task_retries=-1)
+        ds = ds.map_batches(write_part, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"output": config.output})
+        for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            run_rows += pc.sum(summary.column("rows")).as_py() or 0
+
+    _, table = scan_output(config.output)
+    rows_out = table.num_rows if table is not None else 0
+    unique = len(table.group_by(["_source", "_row"]).aggregate([])) if table is not None else 0
+    errored = rows_out - table.column("error").null_count if table is not None else 0
+    tokens = (pc.sum(table.column("input_tokens")).as_py() or 0) if table is not None else 0
+    wall = time.time() - start
+    report = {
+        "status": "succeeded", "task": config.task, "model": config.model, "fingerprint": fingerprint,
+        "rows_in": rows_in, "rows_out": rows_out, "errored_rows": errored, "rows_labeled_this_run": run_rows,
+        "input_tokens": tokens, "wall_seconds": round(wall, 3),
+        "rows_per_second": round(run_rows / wall, 3) if wall else None,
+        "tokens_per_second": round(tokens * run_rows / max(rows_out, 1) / wall, 3) if wall else None,
+        "pool": pool, "parameters": config.task_params(), "input_files": len(files), "output": config.output,
+    }
+    problems = []
+    if rows_out != rows_in or unique != rows_out:
+        problems.append(f"the output holds {rows_out} rows ({unique} distinct) for {rows_in} input rows")
+    if config.max_errored_rows is not None and errored > config.max_errored_rows:
+        problems.append(f"{errored} rows errored, over max_errored_rows={config.max_errored_rows}")
+    if config.max_errored_fraction is not None and rows_in and errored / rows_in > config.max_errored_fraction:
+        problems.append(f"{errored} of {rows_in} rows errored ({errored / rows_in:.1%}), over "
+                        f"max_errored_fraction={config.max_errored_fraction:.1%}")
+    if problems:
+        report["status"], report["problems"] = "failed", problems
+    fs, root = filesystem(config.output)
+    with fs.open_output_stream(f"{root}/{REPORT_FILE}") as f:
+        f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
+    if problems:
+        raise JobFailed("; ".join(problems) + f" (report: {config.output}/{REPORT_FILE})")
+    return report

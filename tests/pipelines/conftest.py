@@ -1,0 +1,65 @@
+"""Fixtures for the pipeline tests: one local Ray for the session, tiny checkpoints per task, corpora."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import bloom
+from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint
+from pipelines.demo import DEMO_HEADS
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A 2-CPU local Ray shared by all pipeline tests (ray.init costs seconds). Yields its GCS address
+    so subprocesses (the job script, a driver killed mid-run) can join the same cluster."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    ctx = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+                   _temp_dir=str(temp), configure_logging=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """task -> a tiny checkpoint directory with the head and labels the task needs (the demo's heads)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {task: make_tiny_checkpoint(root / task, cls, **config) for task, (cls, config) in DEMO_HEADS.items()}
+    # A multi-label classifier too.
+    out["multilabel"] = make_tiny_checkpoint(root / "multilabel", bloom.BloomForSequenceClassification,
+                                             id2label={0: "sports", 1: "politics", 2: "science"},
+                                             problem_type="multi_label_classification")
+    return out
+
+
+def corpus_rows(n: int) -> list[dict]:
+    return [{"id": f"r{i:04d}", "text": SAMPLE_TEXT[i % len(SAMPLE_TEXT)] * (1 + i % 4),
+             "question": "Who is named?", "context": SAMPLE_TEXT[(i + 3) % len(SAMPLE_TEXT)] * (1 + i % 2),
+             "lang": ["en", "fr", "zh"][i % 3]} for i in range(n)]
+
+
+def write_corpus(directory, rows: list[dict], files: int = 2, row_group_size: int = 10, schema=None):
+    """Rows split over `files` Parquet files with small row groups (several read tasks)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // files)
+    for k in range(files):
+        chunk = rows[k * per : (k + 1) * per]
+        if chunk:
+            pq.write_table(pa.Table.from_pylist(chunk, schema=schema), directory / f"in-{k}.parquet",
+                           row_group_size=row_group_size)
+    return directory
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus", corpus_rows(60))

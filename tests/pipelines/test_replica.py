@@ -1,0 +1,190 @@
+"""BloomReplica: each task's output for a batch equals the model called directly on each row alone."""
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+import bloom
+from pipelines.config import LabelConfig
+from pipelines.replica import BloomReplica, output_fields, token_budget_batches
+from pipelines.spans import best_span, ner_entities
+from tests.pipelines.conftest import corpus_rows
+
+
+@pytest.fixture(autouse=True)
+def inference():
+    with torch.inference_mode():
+        yield
+
+
+def replica(checkpoints, task, key=None, **kw):
+    return BloomReplica(LabelConfig(task=task, model=str(checkpoints[key or task]), **kw))
+
+
+def table(rows):
+    return pa.Table.from_pylist(rows)
+
+
+def test_token_budget_batches_cover_every_row_within_budget():
+    lengths = [5, 100, 7, 30, 30, 2, 64, 8, 300]
+    batches = token_budget_batches(lengths, budget=128, extra=4)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        padded = len(b) * (max(lengths[i] for i in b) + 4)
+        assert padded <= 128 or len(b) == 1
+    order = [lengths[i] for b in batches for i in b]
+    assert order == sorted(order)  # length bucketing
+
+
+def test_generate_equals_model_generate_row_by_row(checkpoints):
+    rep = replica(checkpoints, "generate", max_new_tokens=6, batch_token_budget=64)
+    rows = corpus_rows(7)
+    out = rep(table(rows)).to_pylist()
+    model, tok = rep.model, rep.tokenizer
+    for row, res in zip(rows, out):
+        ids = tok(row["text"], return_tensors="pt").input_ids
+        alone = model.generate(ids, max_new_tokens=6, return_dict_in_generate=True)
+        new = alone.sequences[0, ids.shape[1]:ids.shape[1] + alone.num_new_tokens[0]]
+        assert res["generated_text"] == tok.decode(new, skip_special_tokens=True)
+        assert res["finish_reason"] == alone.finish_reason[0]
+        assert res["prompt_tokens"] == ids.shape[1] == res["input_tokens"]
+        assert res["completion_tokens"] == alone.num_new_tokens[0]
+        assert res["id"] == row["id"] and res["error"] is None
+
+
+def test_generate_with_template_and_stop(checkpoints):
+    rows = corpus_rows(4)
+    free = replica(checkpoints, "generate", max_new_tokens=12, prompt_template="{lang}: {text} =>")(table(rows))
+    text = free.column("generated_text")[0].as_py()
+    stop = text[3:5]
+    stopped = replica(checkpoints, "generate", max_new_tokens=12, prompt_template="{lang}: {text} =>",
+                      stop=[stop])(table(rows)).to_pylist()[0]
+    assert stopped["finish_reason"] == "stop" and stopped["generated_text"] == text[: text.find(stop)]
+    prompt_tokens = len(bloom.BloomTokenizerFast.from_pretrained(checkpoints["generate"]).encode(
+        f"{rows[0]['lang']}: {rows[0]['text']} =>"))
+    assert free.column("prompt_tokens")[0].as_py() == prompt_tokens
+
+
+def test_classify_head_scores_are_the_models_softmax(checkpoints):
+    rep = replica(checkpoints, "classify")
+    rows = corpus_rows(6)
+    out = rep(table(rows)).to_pylist()
+    for row, res in zip(rows, out):
+        ids = rep.tokenizer(row["text"], return_tensors="pt").input_ids
+        probs = rep.model(ids).logits[0].softmax(-1)
+        best = int(probs.argmax())
+        assert res["label"] == rep.model.config.id2label[best] and res["labels"] == [res["label"]]
+        assert res["score"] == pytest.approx(float(probs[best]), abs=1e-5)
+        assert [s["label"] for s in res["scores"]] == ["negative", "neutral", "positive"]
+        assert sum(s["score"] for s in res["scores"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_multilabel_uses_sigmoid_and_threshold(checkpoints):
+    rep = replica(checkpoints, "classify", key="multilabel", threshold=0.5)
+    rows = corpus_rows(5)
+    for row, res in zip(rows, rep(table(rows)).to_pylist()):
+        ids = rep.tokenizer(row["text"], return_tensors="pt").input_ids
+        probs = rep.model(ids).logits[0].sigmoid().tolist()
+        assert res["labels"] == [lab for lab, p in zip(["sports", "politics", "science"], probs) if p >= 0.5]
+        assert [s["score"] for s in res["scores"]] == pytest.approx(probs, abs=1e-5)
+
+
+def test_zero_shot_equals_brute_force_log_likelihood(checkpoints):
+    labels = ["sport", "politique", "science et technologie"]
+    rep = replica(checkpoints, "classify", key="generate", candidate_labels=labels,
+                  prompt_template="Topic of: {text}\nTopic:", batch_token_budget=200)
+    rows = corpus_rows(5)
+    out = rep(table(rows)).to_pylist()
+    tok, model = rep.tokenizer, rep.model
+    for row, res in zip(rows, out):
+        prompt = tok.encode(f"Topic of: {row['text']}\nTopic:")
+        totals = []
+        for label in labels:  # the whole prompt + label at once, no cache sharing
+            lab = tok.encode(" " + label)
+            logp = model(torch.tensor([prompt + lab])).logits[0].log_softmax(-1)
+            totals.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(lab)))
+        expected = torch.tensor(totals).softmax(-1)
+        assert [s["score"] for s in res["scores"]] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert res["label"] == labels[int(expected.argmax())]
+
+
+def test_ner_equals_entities_of_the_row_alone(checkpoints):
+    rep = replica(checkpoints, "ner", aggregation_strategy="simple")
+    rows = corpus_rows(6)
+    out = rep(table(rows)).to_pylist()
+    for row, res in zip(rows, out):
+        enc = rep.tokenizer(row["text"], return_offsets_mapping=True, return_tensors="pt")
+        probs = rep.model(enc.input_ids).logits[0].softmax(-1).numpy()
+        expected = ner_entities(row["text"], enc.offset_mapping[0].tolist(), probs, rep.model.config.id2label, "simple")
+        assert [(e["entity_group"], e["start"], e["end"], e["word"]) for e in res["entities"]] == \
+               [(e["entity_group"], e["start"], e["end"], e["word"]) for e in expected]
+        for got, want in zip(res["entities"], expected):
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+            assert row["text"][got["start"]:got["end"]] == got["word"]
+
+
+def test_ner_labels_a_long_document_whole(checkpoints):
+    text = " ".join(f"Ada Obi visited Lima and Paris on day {i}." for i in range(120))
+    rep = replica(checkpoints, "ner", max_input_tokens=64, stride=16, aggregation_strategy="none", ignore_labels=[])
+    res = rep(table([{"id": "long", "text": text}])).to_pylist()[0]
+    n_tokens = len(rep.tokenizer.encode(text))
+    assert n_tokens > 5 * 64 and res["input_tokens"] == n_tokens and res["error"] is None
+    # With nothing ignored and no grouping, every token of the document is one entity, in order.
+    assert len(res["entities"]) == n_tokens
+    assert res["entities"][-1]["end"] == len(text.rstrip())
+    starts = [e["start"] for e in res["entities"]]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+
+
+def test_qa_answer_is_the_best_span_of_the_row_alone(checkpoints):
+    rep = replica(checkpoints, "qa", max_answer_len=10)
+    rows = corpus_rows(5)
+    for row, res in zip(rows, rep(table(rows)).to_pylist()):
+        enc = rep.tokenizer(row["question"], row["context"], return_offsets_mapping=True, return_tensors="pt")
+        out = rep.model(enc.input_ids)
+        context = [s == 1 for s in enc.sequence_ids(0)]
+        s, e, score = best_span(out.start_logits[0].numpy(), out.end_logits[0].numpy(),
+                                enc.offset_mapping[0].tolist(), context, 10)
+        assert (res["start"], res["end"]) == (s, e) and res["answer"] == row["context"][s:e]
+        assert res["score"] == pytest.approx(score, abs=1e-5)
+
+
+def test_bad_rows_get_errors_and_the_rest_is_labeled(checkpoints):
+    rep = replica(checkpoints, "classify", max_text_chars=100_000)
+    good = corpus_rows(2)
+    rows = [good[0], {"id": "null", "text": None}, {"id": "empty", "text": "  \n"},
+            {"id": "big", "text": "x" * 1_000_000}, {"id": "surrogate", "text": "bad \ud800 text"}, good[1]]
+    out = rep.label_rows(rows)
+    errors = [r.get("error") for r in out]
+    assert errors[0] is None and errors[5] is None and out[0]["label"] and out[5]["label"]
+    assert errors[1] == "text is null" and errors[2] == "text is empty"
+    assert "1000000 characters" in errors[3] and "invalid character" in errors[4]
+    numbers = rep.label_rows([{"id": "n", "text": 42}, {"id": "b", "text": b"\xff\xfe"}])
+    assert numbers[0]["error"] == "text is not a string (got int)" and "not valid UTF-8" in numbers[1]["error"]
+
+
+def test_too_long_rows_error_or_truncate(checkpoints):
+    rows = [{"id": "long", "text": "word " * 200}, {"id": "short", "text": "hello there"}]
+    errored = replica(checkpoints, "classify", max_input_tokens=50).label_rows(rows)
+    assert errored[0]["error"].startswith("input has") and "limit of 50" in errored[0]["error"]
+    assert errored[1].get("error") is None and errored[1]["label"]
+    truncated = replica(checkpoints, "classify", max_input_tokens=50, too_long="truncate").label_rows(rows)
+    assert truncated[0]["truncated"] is True and truncated[0]["label"] and truncated[0].get("error") is None
+
+
+@pytest.mark.parametrize("task", ["generate", "classify", "ner", "qa"])
+def test_schema_is_fixed_even_when_every_row_errors(checkpoints, task):
+    rep = replica(checkpoints, task, max_new_tokens=2)
+    bad = rep(pa.table({"id": ["a", "b"], "text": pa.array([None, None], pa.string()),
+                        "question": pa.array([None, None], pa.string()), "context": ["x", "y"]}))
+    good = rep(table(corpus_rows(2)))
+    assert bad.schema == good.schema
+    assert bad.schema.names == ["id", *[f.name for f in output_fields(task)]]
+    assert bad.column("error").null_count == 0
+
+
+def test_classify_without_a_head_is_refused(checkpoints):
+    with pytest.raises(ValueError, match="no score head.*candidate_labels"):
+        replica(checkpoints, "classify", key="generate")
