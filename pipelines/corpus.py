@@ -82,14 +82,41 @@ def plan(files: list[str], required: list[str]) -> list[dict]:
     return tasks
 
 
-def read_row_groups(tasks: pa.Table, columns: list[str], done: dict) -> pa.Table:
-    """Ray Data read step: the rows of the given row groups, with `_source` and `_row`, minus rows
-    already in the output (`done`: source → set of row indices)."""
+def normalise_text(table: pa.Table, text_columns: list[str]) -> pa.Table:
+    """Make every text column `string`, whatever each file stored, so that batches from different files
+    share one schema. Values that are not text (numbers, invalid UTF-8 bytes) become null and their
+    row gets `_input_error` naming the problem; the replica reports it as that row's error."""
+    errors: list[str | None] = [None] * table.num_rows
+    for name in text_columns:
+        column = table.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            values = column.cast(pa.string())
+        elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            decoded = []
+            for i, raw in enumerate(column.to_pylist()):
+                try:
+                    decoded.append(None if raw is None else raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    decoded.append(None)
+                    errors[i] = errors[i] or f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})"
+            values = pa.array(decoded, pa.string())
+        else:
+            for i, valid in enumerate(column.is_valid().to_pylist()):
+                if valid:
+                    errors[i] = errors[i] or f"{name} is not a string (got {column.type})"
+            values = pa.nulls(table.num_rows, pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table.append_column("_input_error", pa.array(errors, pa.string()))
+
+
+def read_row_groups(tasks: pa.Table, columns: list[str], text_columns: list[str], done: dict) -> pa.Table:
+    """Ray Data read step: the rows of the given row groups, with `_source` and `_row` and text columns
+    normalised (`normalise_text`), minus rows already in the output (`done`: source → set of row indices)."""
     tables = []
     for t in tasks.to_pylist():
         fs, path = filesystem(t["source"])
         with fs.open_input_file(path) as f:
-            table = pq.ParquetFile(f).read_row_group(t["row_group"], columns=columns)
+            table = normalise_text(pq.ParquetFile(f).read_row_group(t["row_group"], columns=columns), text_columns)
         rows = pa.array(range(t["offset"], t["offset"] + table.num_rows), pa.int64())
         table = table.append_column("_source", pa.array([t["source"]] * table.num_rows, pa.string()))
         table = table.append_column("_row", rows)

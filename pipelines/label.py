@@ -49,14 +49,17 @@ def resolve_model(name: str) -> str:
     raise FileNotFoundError(f"model directory {name!r} does not exist")
 
 
-def required_columns(config: LabelConfig) -> list[str]:
+def text_columns(config: LabelConfig) -> list[str]:
+    """The columns the task reads text from."""
     if config.task == "qa":
-        text = [config.question_column, config.context_column]
-    elif config.prompt_template and config.task in ("generate", "classify"):
-        text = template_fields(config.prompt_template)
-    else:
-        text = [config.text_column]
-    return list(dict.fromkeys([config.id_column, *config.keep_columns, *text]))
+        return [config.question_column, config.context_column]
+    if config.prompt_template and config.task in ("generate", "classify"):
+        return template_fields(config.prompt_template)
+    return [config.text_column]
+
+
+def required_columns(config: LabelConfig) -> list[str]:
+    return list(dict.fromkeys([config.id_column, *config.keep_columns, *text_columns(config)]))
 
 
 def pool_resources(config: LabelConfig, cluster: dict, node_cpus: float) -> dict:
@@ -156,7 +159,7 @@ def run_label_job(config: LabelConfig) -> dict:
         columns = required_columns(config)
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"columns": columns, "done": partial})
+                            fn_kwargs={"columns": columns, "text_columns": text_columns(config), "done": partial})
         ds = ds.map_batches(
             BloomReplica, fn_constructor_kwargs={"config": config, "num_threads": pool["threads"]},
             compute=ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),

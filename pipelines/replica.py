@@ -143,6 +143,9 @@ class BloomReplica:
         results = [{"truncated": False} for _ in rows]
         inputs = {}
         for i, row in enumerate(rows):
+            if row.get("_input_error"):  # found by the pipeline's reader (a number, invalid UTF-8)
+                results[i]["error"] = row["_input_error"]
+                continue
             try:
                 inputs[i] = self._row_input(row)
             except ValueError as e:
@@ -307,7 +310,7 @@ class BloomReplica:
         windows = self._windows(texts, results)
         probs = self._run_windows(windows, lambda out, j, n: out.logits[j, -n:].float().softmax(-1).cpu().numpy())
         for i, ws in windows.items():
-            offsets, p = merge_windows([(w[1], q) for w, q in zip(ws, probs[i])])
+            offsets, p = merge_windows([(w[1], q) for w, q in zip(ws, probs[i])], overlap=c.stride)
             results[i]["entities"] = ner_entities(texts[i], offsets, p, id2label, c.aggregation_strategy,
                                                   tuple(c.ignore_labels))
 

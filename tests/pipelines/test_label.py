@@ -1,0 +1,248 @@
+"""The labeling job end to end on local Ray: outputs equal the replica's, every row exactly once through
+kills and actor deaths, bad rows and bad inputs handled."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import LabelConfig
+from pipelines.label import JobFailed, pool_resources, run_label_job
+from pipelines.replica import BloomReplica, output_fields
+from tests.pipelines.conftest import corpus_rows, write_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+TASK_SETTINGS = {
+    "generate": {"max_new_tokens": 5},
+    "classify": {},
+    "ner": {"aggregation_strategy": "first"},
+    "qa": {"max_answer_len": 8},
+}
+
+
+def read_output(path) -> pa.Table:
+    return pads.dataset(str(path), format="parquet").to_table()
+
+
+def config(checkpoints, task, corpus, output, key=None, **kw):
+    return LabelConfig(task=task, model=str(checkpoints[key or task]), input=[str(corpus)], output=str(output),
+                       rows_per_batch=16, **{**TASK_SETTINGS[task], **kw})
+
+
+@pytest.mark.parametrize("task", ["generate", "classify", "ner", "qa"])
+def test_pipeline_output_equals_the_replica_row_by_row(ray_cluster, checkpoints, corpus, tmp_path, task):
+    cfg = config(checkpoints, task, corpus, tmp_path / "out", keep_columns=["lang"])
+    report = run_label_job(cfg)
+    out = read_output(tmp_path / "out")
+    assert report["status"] == "succeeded" and report["rows_in"] == report["rows_out"] == out.num_rows == 60
+    assert sorted(out.column("id").to_pylist()) == sorted(r["id"] for r in corpus_rows(60))  # each id once
+    expected_schema = ["id", "lang", "_source", "_row"] + [f.name for f in output_fields(task)]
+    assert sorted(out.schema.names) == sorted(expected_schema)
+    for f in output_fields(task):
+        assert out.schema.field(f.name).type == f.type
+    # Every row equals the replica (loaded here, in-process) labeling that row alone.
+    replica = BloomReplica(cfg)
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    for row in corpus_rows(60)[::7]:
+        alone = replica.label_rows([row])[0]
+        got = by_id[row["id"]]
+        assert got["lang"] == row["lang"]
+        for f in output_fields(task):
+            want = alone.get(f.name)
+            if f.name in ("score",):
+                assert got[f.name] == pytest.approx(want, abs=1e-4)
+            elif f.name == "scores":
+                assert [s["score"] for s in got[f.name]] == pytest.approx([s["score"] for s in want], abs=1e-4)
+            elif f.name == "entities":
+                assert [(e["entity_group"], e["start"], e["end"]) for e in got[f.name]] == \
+                       [(e["entity_group"], e["start"], e["end"]) for e in want]
+            else:
+                assert got[f.name] == want, f.name
+    report_file = json.loads((tmp_path / "out" / "_report.json").read_text())
+    assert report_file["rows_out"] == 60 and report_file["fingerprint"] == report["fingerprint"]
+    assert report_file["input_tokens"] > 60 and report_file["pool"]["max_size"] == 1
+
+
+def test_rerun_labels_nothing_and_other_settings_are_refused(ray_cluster, checkpoints, corpus, tmp_path):
+    cfg = config(checkpoints, "classify", corpus, tmp_path / "out")
+    run_label_job(cfg)
+    parts = sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet"))
+    again = run_label_job(cfg)
+    assert again["rows_labeled_this_run"] == 0 and again["rows_out"] == 60
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == parts
+    other = config(checkpoints, "classify", corpus, tmp_path / "out", threshold=0.9)
+    with pytest.raises(ValueError, match="another model, task or parameters"):
+        run_label_job(other)
+    other.overwrite = True
+    assert run_label_job(other)["rows_labeled_this_run"] == 60
+
+
+def test_new_input_rows_are_labeled_on_rerun(ray_cluster, checkpoints, tmp_path):
+    rows = corpus_rows(40)
+    corpus = write_corpus(tmp_path / "c", rows[:30], files=1)
+    cfg = config(checkpoints, "classify", corpus, tmp_path / "out")
+    run_label_job(cfg)
+    write_corpus(tmp_path / "c2", rows[30:], files=1)
+    (tmp_path / "c2" / "in-0.parquet").rename(corpus / "in-new.parquet")
+    report = run_label_job(cfg)
+    assert report["rows_labeled_this_run"] == 10 and report["rows_out"] == 40
+
+
+def test_driver_killed_mid_run_then_rerun_gives_every_row_once(ray_cluster, checkpoints, tmp_path):
+    corpus = write_corpus(tmp_path / "c", corpus_rows(120), files=3, row_group_size=5)
+    out = tmp_path / "out"
+    args = [sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "generate", "--model",
+            str(checkpoints["generate"]), "--input", str(corpus), "--output", str(out), "--max-new-tokens", "24",
+            "--rows-per-batch", "5"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed; make it slower"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = read_output(out).num_rows
+    assert 0 < written < 120
+    cfg = LabelConfig(task="generate", model=str(checkpoints["generate"]), input=[str(corpus)], output=str(out),
+                      max_new_tokens=24, rows_per_batch=5)
+    report = run_label_job(cfg)
+    assert report["rows_labeled_this_run"] == 120 - written
+    table = read_output(out)
+    keys = list(zip(table.column("_source").to_pylist(), table.column("_row").to_pylist()))
+    assert len(keys) == len(set(keys)) == 120
+    assert not list(out.glob(".*.tmp"))
+
+
+def replica_actor_pids() -> list[int]:
+    """PIDs of live Ray Data actor-pool workers, found by the process title Ray gives them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and cmdline.startswith("ray::") and "MapWorker" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_actor_killed_mid_run_is_replaced_and_the_job_completes(ray_cluster, checkpoints, tmp_path):
+    corpus = write_corpus(tmp_path / "c", corpus_rows(100), files=2, row_group_size=5)
+    out = tmp_path / "out"
+    cfg = LabelConfig(task="generate", model=str(checkpoints["generate"]), input=[str(corpus)], output=str(out),
+                      max_new_tokens=24, rows_per_batch=5)
+    result = {}
+    job = threading.Thread(target=lambda: result.update(report=run_label_job(cfg)))
+    job.start()
+    killed = None
+    deadline = time.time() + 120
+    while time.time() < deadline and killed is None and job.is_alive():
+        pids = replica_actor_pids()
+        if pids and list(out.glob("part-*.parquet")):
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.2)
+    job.join(timeout=300)
+    assert killed is not None, "no replica actor was found alive to kill"
+    assert result["report"]["rows_out"] == 100
+    table = read_output(out)
+    keys = list(zip(table.column("_source").to_pylist(), table.column("_row").to_pylist()))
+    assert len(keys) == len(set(keys)) == 100
+
+
+def test_bad_rows_are_reported_per_row_and_nothing_is_lost(ray_cluster, checkpoints, tmp_path):
+    corpus = tmp_path / "bad"
+    good = corpus_rows(5)
+    write_corpus(corpus, [{"id": r["id"], "text": r["text"]} for r in good], files=1)
+    pq.write_table(pa.table({"id": ["null", "empty", "big"], "text": [None, "", "y" * 1_000_000]}),
+                   corpus / "strings.parquet")
+    pq.write_table(pa.table({"id": ["n1", "n2"], "text": [7, 8]}), corpus / "numbers.parquet")
+    pq.write_table(pa.table({"id": ["surrogate"], "text": pa.array([b"bad \xed\xa0\x80 bytes"], pa.binary())}),
+                   corpus / "bytes.parquet")
+    cfg = LabelConfig(task="classify", model=str(checkpoints["classify"]), input=[str(corpus)],
+                      output=str(tmp_path / "out"), max_errored_fraction=None)
+    report = run_label_job(cfg)
+    out = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert len(out) == 11 and report["errored_rows"] == 6
+    assert out["null"]["error"] == "text is null" and out["empty"]["error"] == "text is empty"
+    assert "characters, over the limit" in out["big"]["error"]
+    assert out["n1"]["error"] == "text is not a string (got int64)"
+    assert "not valid UTF-8" in out["surrogate"]["error"]
+    assert all(out[r["id"]]["error"] is None and out[r["id"]]["label"] for r in good)
+
+
+def test_too_many_errors_fail_the_job_loudly_but_keep_the_rows(ray_cluster, checkpoints, tmp_path):
+    rows = [{"id": f"e{i}", "text": None if i % 2 else "fine text"} for i in range(20)]
+    corpus = write_corpus(tmp_path / "c", rows, files=1, schema=pa.schema([("id", pa.string()), ("text", pa.string())]))
+    cfg = LabelConfig(task="classify", model=str(checkpoints["classify"]), input=[str(corpus)],
+                      output=str(tmp_path / "out"), max_errored_fraction=0.25)
+    with pytest.raises(JobFailed, match="10 of 20 rows errored"):
+        run_label_job(cfg)
+    assert read_output(tmp_path / "out").num_rows == 20
+    assert json.loads((tmp_path / "out" / "_report.json").read_text())["status"] == "failed"
+
+
+def test_bad_inputs_fail_before_any_work(ray_cluster, checkpoints, corpus, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        run_label_job(config(checkpoints, "classify", corpus, out, text_column="body"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="cannot read Parquet file .*x.parquet"):
+        run_label_job(config(checkpoints, "classify", broken, out))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_label_job(LabelConfig(task="classify", model=str(tmp_path / "no-model"), input=[str(corpus)], output=str(out)))
+    with pytest.raises(FileNotFoundError, match="matches no Parquet file"):
+        run_label_job(config(checkpoints, "classify", tmp_path / "nothing-*.parquet", out))
+    assert not out.exists() or not list(out.glob("part-*"))
+
+
+def test_glob_inputs(ray_cluster, checkpoints, corpus, tmp_path):
+    report = run_label_job(config(checkpoints, "classify", str(corpus / "in-1*.parquet"), tmp_path / "out"))
+    assert report["rows_in"] == 30 and report["input_files"] == 1
+
+
+def test_pool_sizing_never_takes_every_cpu():
+    cfg = LabelConfig(task="classify", model="m")
+    two = pool_resources(cfg, {"CPU": 2.0}, node_cpus=2)
+    assert two["max_size"] == 1 and two["num_cpus"] == 1.0 and two["num_gpus"] == 0 and two["threads"] == 2
+    big = pool_resources(cfg, {"CPU": 64.0}, node_cpus=64)
+    assert big["max_size"] * big["num_cpus"] <= 63
+    gpus = pool_resources(cfg, {"CPU": 16.0, "GPU": 4.0}, node_cpus=16)
+    assert gpus["max_size"] == 4 and gpus["num_gpus"] == 1
+    halves = pool_resources(LabelConfig(task="classify", model="m", num_actors=2), {"CPU": 2.0}, node_cpus=2)
+    assert halves["max_size"] == 2 and halves["num_cpus"] == 0.5  # fractional CPUs, one CPU still free
+    with pytest.raises(ValueError, match="leaving none for reading and writing"):
+        pool_resources(LabelConfig(task="classify", model="m", num_actors=2, num_cpus_per_actor=1),
+                       {"CPU": 2.0}, node_cpus=2)
+
+
+def test_job_script_help_and_config_file(ray_cluster, checkpoints, corpus, tmp_path):
+    help_text = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    for flag in ("--input", "--output", "--task", "--model", "--text-column", "--id-column", "--num-actors",
+                 "--gpus-per-actor", "--batch-token-budget", "--dtype", "--config"):
+        assert flag in help_text
+    (tmp_path / "job.yaml").write_text(f"task: ner\nmodel: {checkpoints['ner']}\ninput: [{corpus}]\n"
+                                       f"aggregation_strategy: max\noutput: {tmp_path / 'ignored'}\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--config", str(tmp_path / "job.yaml"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ner: 60/60 rows" in done.stdout
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["params"]["aggregation_strategy"] == "max"
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "ner", "--config",
+                          str(tmp_path / "job.yaml"), "--aggregation-strategy", "sometimes"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "aggregation_strategy must be one of" in bad.stderr
