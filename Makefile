@@ -1,14 +1,15 @@
 # The project's commands. Each sets up what it needs (a virtualenv in .venv) on a fresh machine.
-#   make demo   - the main job (until the Ray pipeline lands): build a tiny BLOOM and generate from it
+#   make demo   - the main job on local Ray: label a demo corpus with a demo checkpoint, for every task
+#   make label  - the main job with your arguments: make label ARGS="--task ner --model ... --input ... --output ..."
 #   make test   - the test suite
-#   make bench  - compare this implementation with the reference (transformers) at a bloom-560m shape
+#   make bench  - benchmarks: the model against the reference (bloom-560m shape), the pipeline against a bare loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here; the package itself accepts a range (GPU builds included).
 PIP_CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: install demo test bench clean
+.PHONY: install demo label generate test bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +19,12 @@ $(VENV)/.installed: pyproject.toml $(PIP_CONSTRAINTS)
 	touch $@
 
 demo: install
+	for task in generate classify ner qa; do $(PY) jobs/label_corpus.py --task $$task $(ARGS) || exit 1; done
+
+label: install
+	$(PY) jobs/label_corpus.py $(ARGS)
+
+generate: install
 	$(PY) jobs/demo_generate.py $(ARGS)
 
 test: install
@@ -25,6 +32,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_model.py $(ARGS)
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache

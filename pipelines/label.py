@@ -152,7 +152,7 @@ def run_label_job(config: LabelConfig) -> dict:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     node_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
     pool = pool_resources(config, ray.cluster_resources(), node_cpus)
-    run_rows = 0
+    run_rows = run_tokens = 0
     if pending:
         logger.info("labeling %d row groups with %s", len(pending), pool)
         partial = {t["source"]: done[t["source"]] for t in pending if t["source"] in done}
@@ -169,6 +169,7 @@ def run_label_job(config: LabelConfig) -> dict:
                             fn_kwargs={"output": config.output})
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             run_rows += pc.sum(summary.column("rows")).as_py() or 0
+            run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
 
     _, table = scan_output(config.output)
     rows_out = table.num_rows if table is not None else 0
@@ -181,7 +182,7 @@ def run_label_job(config: LabelConfig) -> dict:
         "rows_in": rows_in, "rows_out": rows_out, "errored_rows": errored, "rows_labeled_this_run": run_rows,
         "input_tokens": tokens, "wall_seconds": round(wall, 3),
         "rows_per_second": round(run_rows / wall, 3) if wall else None,
-        "tokens_per_second": round(tokens * run_rows / max(rows_out, 1) / wall, 3) if wall else None,
+        "tokens_per_second": round(run_tokens / wall, 3) if wall else None,
         "pool": pool, "parameters": config.task_params(), "input_files": len(files), "output": config.output,
     }
     problems = []

@@ -51,17 +51,20 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def token_budget_batches(lengths: list[int], budget: int, extra: int = 0) -> list[list[int]]:
+def token_budget_batches(lengths: list[int], budget: int, extra: int = 0, spread: float = 1.15) -> list[list[int]]:
     """Group row indices into batches whose padded size, rows × (longest + extra), stays within budget.
 
-    Rows are sorted by length first (length bucketing), so rows of similar length share a batch and
-    little padding is computed. A row longer than the budget gets a batch of its own."""
-    batches, current, longest = [], [], 0
+    Rows are sorted by length (length bucketing) and a batch also closes when a row is more than
+    `spread` times as long as the batch's shortest, so each batch pads its rows by at most ~15 %
+    however the lengths are distributed. A row longer than the budget gets a batch of its own."""
+    batches, current, longest, shortest = [], [], 0, 0
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         size = lengths[i] + extra
-        if current and (len(current) + 1) * max(longest, size) > budget:
+        if current and ((len(current) + 1) * max(longest, size) > budget or size > spread * shortest + 1):
             batches.append(current)
             current, longest = [], 0
+        if not current:
+            shortest = size
         current.append(i)
         longest = max(longest, size)
     if current:
@@ -115,6 +118,7 @@ class BloomReplica:
             model_dir, dtype=config.dtype, device=None if config.device_map else self.device, device_map=config.device_map)
         self.input_device = self.model.get_input_embeddings().weight.device
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.length_spread = 1.15  # see token_budget_batches; inf batches by the budget alone
         self.fields = output_fields(config.task)
         if self.zero_shot:
             self.label_ids = [self.tokenizer.encode(config.label_prefix + label) for label in config.candidate_labels]
@@ -204,7 +208,8 @@ class BloomReplica:
     def _batches(self, encoded: dict[int, list[int]], extra: int = 0):
         """Yield (row indices, input_ids, attention_mask) batches within the token budget."""
         keys = list(encoded)
-        for group in token_budget_batches([len(encoded[k]) for k in keys], self.config.batch_token_budget, extra):
+        lengths = [len(encoded[k]) for k in keys]
+        for group in token_budget_batches(lengths, self.config.batch_token_budget, extra, self.length_spread):
             idx = [keys[g] for g in group]
             yield idx, *pad_left([encoded[i] for i in idx], self.pad_id, self.input_device)
 

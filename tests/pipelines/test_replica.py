@@ -36,6 +36,8 @@ def test_token_budget_batches_cover_every_row_within_budget():
         assert padded <= 128 or len(b) == 1
     order = [lengths[i] for b in batches for i in b]
     assert order == sorted(order)  # length bucketing
+    for b in batches:  # rows of a batch have similar lengths
+        assert max(lengths[i] for i in b) + 4 <= 1.15 * (min(lengths[i] for i in b) + 4) + 1
 
 
 def test_generate_equals_model_generate_row_by_row(checkpoints):
