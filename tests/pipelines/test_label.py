@@ -246,3 +246,13 @@ def test_job_script_help_and_config_file(ray_cluster, checkpoints, corpus, tmp_p
                           str(tmp_path / "job.yaml"), "--aggregation-strategy", "sometimes"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "aggregation_strategy must be one of" in bad.stderr
+
+
+def test_hub_id_without_a_reachable_hub_is_a_clear_error(monkeypatch):
+    from pipelines.label import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub; offline mode fails at once
+    with pytest.raises(FileNotFoundError, match="bigscience/bloom-560m.*could not be fetched from the hub"):
+        resolve_model("bigscience/bloom-560m")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model("./no/such/dir")
