@@ -10,6 +10,8 @@ and `error` (null when the row was labeled). A bad row never fails the batch.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import string
@@ -40,6 +42,13 @@ TASK_FIELDS = {
 }
 COMMON_FIELDS = [("input_tokens", pa.int32()), ("truncated", pa.bool_()), ("error", pa.string())]
 PROVENANCE = ("_source", "_row")  # added by the pipeline's reader: input file and row index, for resuming
+# Settings a single request (or row) may override; the rest are the deployment's or the job's.
+REQUEST_PARAMS = {
+    "generate": ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"),
+    "classify": ("candidate_labels", "threshold"),
+    "ner": ("aggregation_strategy", "ignore_labels"),
+    "qa": ("max_answer_len",),
+}
 
 
 def output_fields(task: str) -> list[pa.Field]:
@@ -120,10 +129,9 @@ class BloomReplica:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.length_spread = 1.15  # see token_budget_batches; inf batches by the budget alone
         self.fields = output_fields(config.task)
+        self._label_ids: dict[tuple, list[list[int]]] = {}
         if self.zero_shot:
-            self.label_ids = [self.tokenizer.encode(config.label_prefix + label) for label in config.candidate_labels]
-            if any(not ids for ids in self.label_ids):
-                raise ValueError("every candidate label must have at least one token")
+            self.candidate_label_ids(config)  # fail now on labels without tokens
 
     # ------------------------------------------------------------------ batch in, batch out
 
@@ -141,9 +149,58 @@ class BloomReplica:
         c = self.config
         return list(dict.fromkeys([c.id_column, *c.keep_columns, *PROVENANCE]))
 
-    def label_rows(self, rows: list[dict]) -> list[dict]:
+    def with_params(self, params: dict | None) -> LabelConfig:
+        """The config with a request's overrides (names in REQUEST_PARAMS[task]); ValueError naming a bad one."""
+        if not params:
+            return self.config
+        allowed = REQUEST_PARAMS[self.config.task]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(f"task {self.config.task!r} takes no parameter {', '.join(unknown)} "
+                             f"(it takes: {', '.join(allowed)})")
+        config = dataclasses.replace(self.config, **params)  # validates
+        if self.config.task == "classify" and bool(config.candidate_labels) != self.zero_shot:
+            raise ValueError("candidate_labels need a causal LM (zero-shot); this classifier has fixed labels"
+                             if config.candidate_labels else "this zero-shot classifier needs candidate_labels")
+        if self.zero_shot:
+            self.candidate_label_ids(config)
+        return config
+
+    def candidate_label_ids(self, config: LabelConfig) -> list[list[int]]:
+        key = (config.label_prefix, tuple(config.candidate_labels))
+        if key not in self._label_ids:
+            ids = [self.tokenizer.encode(config.label_prefix + label) for label in config.candidate_labels]
+            if any(not t for t in ids):
+                raise ValueError("every candidate label must have at least one token")
+            self._label_ids[key] = ids
+        return self._label_ids[key]
+
+    def label_rows(self, rows: list[dict], params: list[dict | None] | None = None) -> list[dict]:
         """Rows (dicts of column values) → one result dict per row with the task's fields; a row that
-        cannot be labeled gets only `error` set."""
+        cannot be labeled gets only `error` set. params: per-row overrides (see `with_params`); rows with
+        equal overrides are labeled together."""
+        if params is None:
+            return self._label_rows(rows)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(json.dumps(p or {}, sort_keys=True), []).append(i)
+        results: list[dict] = [{} for _ in rows]
+        default = self.config
+        for key, idx in groups.items():
+            try:
+                self.config = self.with_params(json.loads(key))
+            except ValueError as e:
+                for i in idx:
+                    results[i] = {"truncated": False, "error": str(e)}
+                continue
+            try:  # one batch at a time per replica: the overridden config cannot leak into another call
+                for i, r in zip(idx, self._label_rows([rows[i] for i in idx])):
+                    results[i] = r
+            finally:
+                self.config = default
+        return results
+
+    def _label_rows(self, rows: list[dict]) -> list[dict]:
         results = [{"truncated": False} for _ in rows]
         inputs = {}
         for i, row in enumerate(rows):
@@ -254,11 +311,11 @@ class BloomReplica:
     def _zero_shot(self, encoded: dict[int, list[int]], results: list[dict]) -> None:
         """Rank candidate labels by the log-likelihood of their tokens after the prompt. The prompt is run
         once per row; its KV cache is shared by every label's continuation."""
-        labels, K = self.config.candidate_labels, len(self.label_ids)
-        L = max(map(len, self.label_ids))
+        labels, label_lists = self.config.candidate_labels, self.candidate_label_ids(self.config)
+        K, L = len(label_lists), max(map(len, label_lists))
         label_ids = torch.full((K, L), self.pad_id, dtype=torch.long)
         label_mask = torch.zeros((K, L), dtype=torch.long)
-        for k, ids in enumerate(self.label_ids):  # right-padded: padding after a label cannot affect it
+        for k, ids in enumerate(label_lists):  # right-padded: padding after a label cannot affect it
             label_ids[k, : len(ids)], label_mask[k, : len(ids)] = torch.tensor(ids), 1
         label_ids, label_mask = label_ids.to(self.input_device), label_mask.to(self.input_device)
         for idx, ids, mask in self._batches(encoded, extra=L):

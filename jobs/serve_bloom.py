@@ -1,0 +1,56 @@
+"""Start the online endpoint from a Serve config (default: serve_config.yaml) and serve until stopped.
+
+    python jobs/serve_bloom.py                     # demo checkpoints, http://127.0.0.1:8000
+    python jobs/serve_bloom.py --config my.yaml --port 9000
+
+Joins the cluster in RAY_ADDRESS if set, else starts local Ray. Demo checkpoints named in the config
+(demo/tiny-bloom-<task>) are built first if absent. `serve run serve_config.yaml` does the same for
+configs that name existing checkpoints.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml", help="Serve config YAML")
+    p.add_argument("--host", help="address to bind (default: the config's, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: the config's, 8000)")
+    args = p.parse_args(argv)
+
+    import yaml
+
+    config = yaml.safe_load(args.config.read_text())
+    from pipelines.demo import DEMO_ROOT, demo_checkpoint
+
+    for task, settings in config["applications"][0]["args"]["tasks"].items():
+        model = Path(settings["model"])
+        if not model.is_absolute():
+            model = ROOT / model
+        if model.parent == DEMO_ROOT and not model.exists():
+            demo_checkpoint(task)
+        settings["model"] = str(model)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from pipelines.serve import app_from_config
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False) if not os.environ.get("RAY_ADDRESS") \
+        else ray.init(address=os.environ["RAY_ADDRESS"])
+    app, name, prefix, http = app_from_config(config)
+    http = {**http, **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
+    serve.start(http_options=http)
+    print(f"serving {name} on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", flush=True)
+    serve.run(app, name=name, route_prefix=prefix, blocking=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

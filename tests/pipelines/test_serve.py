@@ -1,0 +1,241 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: every route, answers equal to the offline replica's,
+the openai client, limits, auth, and batching of concurrent clients."""
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from pipelines.config import LabelConfig
+from pipelines.replica import BloomReplica
+from tests.pipelines.conftest import corpus_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "test-key-123"
+TASK_SETTINGS = {"generate": {"max_new_tokens": 6}, "classify": {}, "ner": {}, "qa": {}}
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, checkpoints):
+    from ray import serve
+
+    from pipelines.serve import BloomEndpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    tasks = {t: {"model": str(checkpoints[t]), "max_input_tokens": 200, **TASK_SETTINGS[t]} for t in TASK_SETTINGS}
+    endpoint = BloomEndpoint.options(ray_actor_options={"num_cpus": 0.5,
+                                                        "runtime_env": {"env_vars": {"BLOOMLINE_API_KEY": KEY}}})
+    serve.run(endpoint.bind(tasks=tasks, max_body_bytes=20_000, max_new_tokens_cap=64), name="bloomline",
+              route_prefix="/")
+    yield f"http://127.0.0.1:{port}", tasks
+    serve.delete("bloomline")
+    serve.shutdown()
+
+
+def post(server, route, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(server[0] + route, json=body, headers=headers, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("task", ["generate", "classify", "ner"])
+def test_text_routes_equal_the_offline_replica(server, task):
+    rows = corpus_rows(4)
+    answer = post(server, f"/v1/{task}", {"inputs": [r["text"] for r in rows]})
+    assert answer.status_code == 200, answer.text
+    offline = BloomReplica(LabelConfig(task=task, **server[1][task])).label_rows(rows)
+    for got, want in zip(answer.json()["results"], offline):
+        for key, value in got.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(want.get(key), abs=1e-4), key
+            elif key in ("scores", "entities"):
+                assert len(value) == len(want[key])
+            else:
+                assert value == want.get(key), key
+    single = post(server, f"/v1/{task}", {"inputs": rows[0]["text"]}).json()  # one item in, one object out
+    first = answer.json()["results"][0]
+    assert single.keys() == first.keys()
+    assert all(single[k] == pytest.approx(v, abs=1e-4) if isinstance(v, float) else True for k, v in first.items())
+
+
+def test_qa_route_and_per_request_parameters(server):
+    item = {"question": "Who is named?", "context": corpus_rows(1)[0]["context"]}
+    answer = post(server, "/v1/qa", {"inputs": item, "parameters": {"max_answer_len": 3}})
+    assert answer.status_code == 200, answer.text
+    offline = BloomReplica(LabelConfig(task="qa", **server[1]["qa"], max_answer_len=3)).label_rows([item])[0]
+    assert (answer.json()["start"], answer.json()["end"]) == (offline["start"], offline["end"])
+    ner = post(server, "/v1/ner", {"inputs": "Ada Obi lives in Lima.", "parameters": {"aggregation_strategy": "none"}})
+    assert ner.status_code == 200 and all(e["word"] for e in ner.json()["entities"])
+
+
+def test_openai_client_completions(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY)
+    done = client.completions.create(model="generate", prompt="The quick brown fox", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage.completion_tokens <= 5
+    offline = BloomReplica(LabelConfig(task="generate", model=server[1]["generate"]["model"], max_new_tokens=5))
+    assert done.choices[0].text == offline.label_rows([{"text": "The quick brown fox"}])[0]["generated_text"]
+    chunks = list(client.completions.create(model="generate", prompt="The quick brown fox", max_tokens=5,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    assert [m.id for m in client.models.list().data] == list(server[1])
+
+
+def test_health_and_readiness(server):
+    assert requests.get(server[0] + "/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(server[0] + "/readyz", timeout=10).json()["ready"] is True
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ('{"inputs": "x",', 422, "invalid"),
+    ('{"inputs": "x", "surprise": 1}', 422, "surprise"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": 1000}}', 422, "over the limit of 64"),
+    ('{"inputs": "x", "parameters": {"temperature": -1}}', 422, "temperature"),
+    (json.dumps({"inputs": "word " * 5000}), 413, "over the limit of 20000"),
+    (json.dumps({"inputs": "word " * 300}), 422, "limit of 200"),
+])
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
+    answer = requests.post(server[0] + "/v1/generate", data=body, timeout=60,
+                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert "Traceback" not in answer.text
+    assert post(server, "/v1/classify", {"inputs": "still fine"}).status_code == 200
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_api_key_is_required(server, key):
+    answer = post(server, "/v1/classify", {"inputs": "hello"}, key=key)
+    assert answer.status_code == 401 and "API key" in answer.json()["error"]["message"]
+
+
+def test_concurrent_clients_are_batched(server):
+    texts = [r["text"] for r in corpus_rows(32)]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda t: post(server, "/v1/classify", {"inputs": t}), texts))
+    assert all(a.status_code == 200 for a in answers)
+    sizes = requests.get(server[0] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert max(sizes["batch_sizes"]) > 1
+
+
+def _deploy(server, name, overrides, user_config=None):
+    """Another application from serve_config.yaml on the same Serve instance, under /<name>."""
+    import yaml
+    from ray import serve
+
+    from pipelines.serve import app_from_config
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    application = config["applications"][0]
+    application.update(name=name, route_prefix=f"/{name}")
+    application["args"]["tasks"] = {"generate": server[1]["generate"]}
+    deployment = application["deployments"][0]
+    deployment.update(overrides)
+    if user_config is not None:
+        deployment["user_config"] = user_config
+    app, app_name, prefix, _ = app_from_config(config)
+    serve.run(app, name=app_name, route_prefix=prefix)
+    return f"{server[0]}/{name}"
+
+
+def test_serve_config_is_valid_for_ray():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    deployment = config.applications[0].deployments[0]
+    assert deployment.max_queued_requests > 0 and deployment.autoscaling_config["max_replicas"] > 1
+    assert config.http_options.host == "127.0.0.1"
+
+
+def test_batching_is_retuned_without_a_redeploy(server):
+    from ray import serve
+
+    base = _deploy(server, "tuned", {"autoscaling_config": None, "num_replicas": 1,
+                                     "ray_actor_options": {"num_cpus": 0.25}}, {"max_batch_tokens": 1})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    texts = [r["text"] for r in corpus_rows(12)]
+
+    def flood():
+        with ThreadPoolExecutor(12) as pool:
+            assert all(a.status_code == 200 for a in pool.map(
+                lambda t: requests.post(base + "/v1/generate", json={"inputs": t}, headers=auth, timeout=60), texts))
+        return requests.get(base + "/v1/stats", headers=auth, timeout=10).json()
+
+    try:
+        one = flood()
+        assert one["max_batch_tokens"] == 1 and max(one["batch_sizes"]) == 1
+        _deploy(server, "tuned", {"autoscaling_config": None, "num_replicas": 1,
+                                  "ray_actor_options": {"num_cpus": 0.25}}, {"max_batch_tokens": 8192})
+        many = flood()
+        assert many["max_batch_tokens"] == 8192 and max(many["batch_sizes"]) > 1
+    finally:
+        serve.delete("tuned")
+
+
+def test_overload_answers_503_fast_and_recovers(server):
+    from ray import serve
+
+    base = _deploy(server, "small", {"autoscaling_config": None, "num_replicas": 1, "max_ongoing_requests": 1,
+                                     "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 48}}
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(lambda _: requests.post(base + "/v1/generate", json=body, headers=auth,
+                                                          timeout=60).status_code, range(24)))
+        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+        assert requests.post(base + "/v1/generate", json=body, headers=auth, timeout=60).status_code == 200
+    finally:
+        serve.delete("small")
+
+
+def test_autoscaling_goes_to_two_replicas_under_load_and_back(server):
+    import threading
+    import time
+
+    from ray import serve
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                   "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
+    base = _deploy(server, "scaled", {"autoscaling_config": autoscaling, "ray_actor_options": {"num_cpus": 0.25}})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 32}}
+
+    def running() -> int:
+        status = serve.status().applications["scaled"].deployments["BloomEndpoint"]
+        return status.replica_states.get("RUNNING", 0)
+
+    stop, peak = threading.Event(), [1]
+
+    def load():
+        while not stop.is_set():
+            requests.post(base + "/v1/generate", json=body, headers=auth, timeout=60)
+
+    try:
+        assert running() == 1
+        workers = [threading.Thread(target=load) for _ in range(6)]
+        for w in workers:
+            w.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and peak[0] < 2:
+            peak[0] = max(peak[0], running())
+            time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join()
+        assert peak[0] == 2, "no second replica under load"
+        deadline = time.time() + 60
+        while time.time() < deadline and running() != 1:
+            time.sleep(0.5)
+        assert running() == 1, "did not scale back to one replica"
+    finally:
+        stop.set()
+        serve.delete("scaled")
