@@ -88,6 +88,18 @@ class LabelConfig:
                      "max_text_chars", "max_answer_len"):
             if getattr(self, name) < (0 if name == "max_new_tokens" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
         if self.num_actors is not None and self.num_actors < self.min_actors:
             raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
         if self.task in ("ner", "qa") and not 0 <= self.stride < self.max_input_tokens // 2:

@@ -284,12 +284,47 @@ class BloomReplica:
                 seed=seeds, stop_strings=c.stop or None, tokenizer=self.tokenizer, return_dict_in_generate=True)
             T = ids.shape[1]
             for j, i in enumerate(idx):
-                n, reason = out.num_new_tokens[j], out.finish_reason[j]
-                text = self.tokenizer.decode(out.sequences[j, T : T + n], skip_special_tokens=True)
-                if reason == "stop":  # like OpenAI's API: the text ends before the stop string
-                    text = text[: min(text.find(s) for s in c.stop if s in text)]
-                results[i].update(generated_text=text, finish_reason=reason,
-                                  prompt_tokens=len(encoded[i]), completion_tokens=n)
+                n = out.num_new_tokens[j]
+                results[i].update(self._generated(c, out.sequences[j, T : T + n].tolist(), out.finish_reason[j],
+                                                  len(encoded[i])))
+
+    def _generated(self, c: LabelConfig, tokens: list[int], reason: str, prompt_tokens: int) -> dict:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if reason == "stop":  # like OpenAI's API: the text ends before the stop string
+            text = text[: min(text.find(s) for s in c.stop if s in text)]
+        return {"generated_text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens)}
+
+    def stream_generate(self, row: dict, params: dict | None = None):
+        """Generate for one row, yielding (new text, None) as tokens come, then ("", the row's result) —
+        the same result `label_rows` gives. Raises ValueError for a bad row or parameters.
+
+        Text that could still turn out to begin a stop string, or an incomplete UTF-8 character, is
+        held back until it is certain."""
+        c = self.with_params(params)
+        result, prompt = {"truncated": False}, self._row_input(row)
+        encoded = self._encode_capped({0: prompt}, [result])
+        if 0 not in encoded:
+            raise ValueError(result["error"])
+        ids = torch.tensor([encoded[0]], device=self.input_device)
+        hold = max((len(s) for s in c.stop), default=1) - 1
+        tokens, sent, reason = [], 0, None
+        for step in self.model.stream(
+                ids, max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature,
+                top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
+                seed=[zlib.crc32(f"{c.seed}\x00{prompt}".encode())], stop_strings=c.stop or None,
+                tokenizer=self.tokenizer):
+            if step.active[0]:
+                tokens.append(int(step.tokens[0]))
+            reason = step.finish_reason[0]
+            if reason is None:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
+                if safe > sent:
+                    yield text[sent:safe], None
+                    sent = safe
+        result.update(self._generated(c, tokens, reason or "length", len(encoded[0])))
+        yield result["generated_text"][sent:], result
 
     def _classify(self, texts: dict[int, str], results: list[dict]) -> None:
         encoded = self._encode_capped(texts, results)

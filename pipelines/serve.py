@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
@@ -200,16 +201,7 @@ class BloomEndpoint:
 
     async def _label(self, route: str, task: str, rows: list[dict], params: dict, single: bool):
         start = time.perf_counter()
-        replica = self.replicas.get(task)
-        if replica is None:
-            raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
-        params = {k: v for k, v in params.items() if v is not None}
-        if params.get("max_new_tokens", 0) > self.max_new_tokens_cap:
-            raise ApiError(422, f"max_new_tokens {params['max_new_tokens']} is over the limit of {self.max_new_tokens_cap}")
-        try:
-            replica.with_params(params)
-        except ValueError as e:
-            raise ApiError(422, str(e)) from None
+        params = self._validate(task, params)
         if not rows:
             raise ApiError(422, "inputs is empty")
         # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
@@ -219,7 +211,7 @@ class BloomEndpoint:
         for r in results:
             if r.get("error", "").startswith("input has") if r.get("error") else False:
                 raise ApiError(422, r["error"])
-        keys = [f.name for f in replica.fields]
+        keys = [f.name for f in self.replicas[task].fields]
         body = [{k: r.get(k) for k in keys} for r in results]
         for direction, key in (("in", "input_tokens"), ("out", "completion_tokens")):
             n = sum(r.get(key) or 0 for r in results)
@@ -228,6 +220,19 @@ class BloomEndpoint:
         self.latency.observe((time.perf_counter() - start) * 1000, {"route": route})
         self.requests.inc(1, {"route": route, "status": "200"})
         return body[0] if single else {"results": body}
+
+    def _validate(self, task: str, params: dict) -> dict:
+        """Drop unset parameters; 422 for values over the endpoint's caps or invalid for the task."""
+        if task not in self.replicas:
+            raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
+        params = {k: v for k, v in params.items() if v is not None}
+        if params.get("max_new_tokens", 0) > self.max_new_tokens_cap:
+            raise ApiError(422, f"max_new_tokens {params['max_new_tokens']} is over the limit of {self.max_new_tokens_cap}")
+        try:
+            self.replicas[task].with_params(params)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
+        return params
 
     def _text_rows(self, task: str, inputs) -> tuple[list[dict], bool]:
         column = self.replicas[task].config.text_column if task in self.replicas else "text"
@@ -317,6 +322,12 @@ class BloomEndpoint:
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         model_name = req.model or "generate"
         if req.stream:
+            params = self._validate("generate", params)
+            replica = self.replicas["generate"]
+            for prompt in prompts:  # refuse over-long prompts before the 200 of a stream is sent
+                n = len(replica.tokenizer.encode(prompt))
+                if n > replica.config.max_input_tokens and replica.config.too_long == "error":
+                    raise ApiError(422, f"input has {n} tokens, over the limit of {replica.config.max_input_tokens}")
             return StreamingResponse(self._stream(cid, created, model_name, prompts, params),
                                      media_type="text/event-stream")
         body = await self._label("completions", "generate", [{"text": p} for p in prompts], params, single=False)
@@ -329,16 +340,20 @@ class BloomEndpoint:
                 "choices": choices, "usage": usage}
 
     async def _stream(self, cid, created, model_name, prompts, params):
-        """Server-sent events in OpenAI's format: per prompt, a chunk with its text and one with its
-        finish_reason, then [DONE]. The text is generated through the batched path first, so it arrives
-        in one chunk per prompt, not token by token (token-level streaming is still to do)."""
-        body = await self._label("completions", "generate", [{"text": p} for p in prompts], params, single=False)
-        for i, r in enumerate(body["results"]):
+        """Server-sent events in OpenAI's format: chunks of text as tokens are generated (prompts one after
+        another), a chunk with each prompt's finish_reason, then [DONE]. Streams bypass the batcher: each
+        runs its own decode loop, in a worker thread so the event loop keeps serving."""
+        replica = self.replicas["generate"]
+        for i, prompt in enumerate(prompts):
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                     "choices": [{"index": i, "text": r["generated_text"], "finish_reason": None, "logprobs": None}]}
-            yield f"data: {json.dumps(chunk)}\n\n"
-            chunk["choices"][0].update(text="", finish_reason=_openai_reason(r["finish_reason"]))
-            yield f"data: {json.dumps(chunk)}\n\n"
+                     "choices": [{"index": i, "text": "", "finish_reason": None, "logprobs": None}]}
+            async for text, result in iterate_in_threadpool(replica.stream_generate({"text": prompt}, params)):
+                if text:
+                    chunk["choices"][0]["text"] = text
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if result is not None:
+                    chunk["choices"][0].update(text="", finish_reason=_openai_reason(result["finish_reason"]))
+                    yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 
 

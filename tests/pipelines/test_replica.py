@@ -190,3 +190,29 @@ def test_schema_is_fixed_even_when_every_row_errors(checkpoints, task):
 def test_classify_without_a_head_is_refused(checkpoints):
     with pytest.raises(ValueError, match="no score head.*candidate_labels"):
         replica(checkpoints, "classify", key="generate")
+
+
+def test_per_row_parameters_equal_separate_calls(checkpoints):
+    rep = replica(checkpoints, "generate", max_new_tokens=4)
+    rows = corpus_rows(4)
+    params = [None, {"max_new_tokens": 7}, {"max_new_tokens": 7, "do_sample": True, "seed": 3}, {"top_k": -1}]
+    mixed = rep.label_rows(rows, params)
+    assert mixed[0] == rep.label_rows([rows[0]])[0]
+    longer = replica(checkpoints, "generate", max_new_tokens=7)
+    assert mixed[1] == longer.label_rows([rows[1]])[0] and mixed[1]["completion_tokens"] == 7
+    assert mixed[2] == replica(checkpoints, "generate", max_new_tokens=7, do_sample=True, seed=3).label_rows([rows[2]])[0]
+    assert "top_k must be" in mixed[3]["error"]
+    with pytest.raises(ValueError, match="takes no parameter aggregation_strategy"):
+        rep.with_params({"aggregation_strategy": "max"})
+    assert rep.config.max_new_tokens == 4  # overrides never stick
+
+
+@pytest.mark.parametrize("stop", [[], ["e"]])
+def test_stream_generate_yields_the_batch_result(checkpoints, stop):
+    rep = replica(checkpoints, "generate", max_new_tokens=12, stop=stop)
+    row = corpus_rows(1)[0]
+    pieces = list(rep.stream_generate(row))
+    final = pieces[-1][1]
+    assert final == rep.label_rows([row])[0]
+    assert "".join(text for text, _ in pieces) == final["generated_text"]
+    assert all(result is None for _, result in pieces[:-1]) and len(pieces) > 2

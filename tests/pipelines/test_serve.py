@@ -84,7 +84,10 @@ def test_openai_client_completions(server):
     chunks = list(client.completions.create(model="generate", prompt="The quick brown fox", max_tokens=5,
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert sum(1 for c in chunks if c.choices[0].text) > 1  # token by token, not one block
     assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    too_long = post(server, "/v1/completions", {"prompt": "word " * 300, "max_tokens": 2, "stream": True})
+    assert too_long.status_code == 422 and "limit of 200" in too_long.json()["error"]["message"]
     assert [m.id for m in client.models.list().data] == list(server[1])
 
 
