@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here; the package itself accepts a range (GPU builds included).
 PIP_CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: install demo label generate test bench clean
+.PHONY: install demo label serve generate test bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ demo: install
 label: install
 	$(PY) jobs/label_corpus.py $(ARGS)
 
+serve: install
+	$(PY) jobs/serve_bloom.py $(ARGS)
+
 generate: install
 	$(PY) jobs/demo_generate.py $(ARGS)
 
@@ -33,6 +36,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_model.py $(ARGS)
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache
