@@ -156,6 +156,7 @@ def test_serve_config_is_valid_for_ray():
     deployment = config.applications[0].deployments[0]
     assert deployment.max_queued_requests > 0 and deployment.autoscaling_config["max_replicas"] > 1
     assert config.http_options.host == "127.0.0.1"
+    assert config.logging_config.encoding == "JSON" and config.logging_config.enable_access_log is False
 
 
 def test_batching_is_retuned_without_a_redeploy(server):
