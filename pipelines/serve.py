@@ -276,23 +276,22 @@ class BloomEndpoint:
                 raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
             raise ApiError(422, f"invalid JSON: {e}") from None
 
+    async def _text_task(self, request: Request, task: str, model: type[BaseModel]):
+        req = await self._body(request, model)
+        rows, single = self._text_rows(task, req.inputs)
+        return await self._label(task, task, rows, req.parameters.model_dump(), single)
+
     @app.post("/v1/generate")
     async def generate(self, request: Request):
-        req = await self._body(request, GenerateRequest)
-        rows, single = self._text_rows("generate", req.inputs)
-        return await self._label("generate", "generate", rows, req.parameters.model_dump(), single)
+        return await self._text_task(request, "generate", GenerateRequest)
 
     @app.post("/v1/classify")
     async def classify(self, request: Request):
-        req = await self._body(request, ClassifyRequest)
-        rows, single = self._text_rows("classify", req.inputs)
-        return await self._label("classify", "classify", rows, req.parameters.model_dump(), single)
+        return await self._text_task(request, "classify", ClassifyRequest)
 
     @app.post("/v1/ner")
     async def ner(self, request: Request):
-        req = await self._body(request, NerRequest)
-        rows, single = self._text_rows("ner", req.inputs)
-        return await self._label("ner", "ner", rows, req.parameters.model_dump(), single)
+        return await self._text_task(request, "ner", NerRequest)
 
     @app.post("/v1/qa")
     async def qa(self, request: Request):
