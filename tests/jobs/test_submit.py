@@ -1,0 +1,88 @@
+"""The real submission path: a Ray head started with `ray start` on 127.0.0.1 and the labeling job sent
+to it with `ray job submit --working-dir .`, as users run it on a cluster."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+import bloom
+from bloom.tiny import make_tiny_checkpoint
+from tests.pipelines.conftest import corpus_rows, write_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_head(temp_dir: Path) -> None:
+    """Stop only this head's processes (found by its temp dir): `ray stop` would stop every Ray on the
+    machine, the test session's own included."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp_dir) in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def head(tmp_path_factory):
+    temp = Path("/tmp") / f"rayhead-{os.getpid()}-{time.time_ns() % 10**8}"  # short: Ray's socket paths are limited
+    port, dashboard = free_port(), free_port()
+    # Token authentication is on by default in Ray 2.60: the head and the client must agree, here on "off"
+    # (loopback only). The job runs the `python` first on the PATH that `ray start` saw: this venv's.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    started = subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                              f"--temp-dir={temp}", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env, ray_cli
+    finally:
+        stop_head(temp)
+
+
+def test_ray_job_submit_labels_the_corpus(head, tmp_path):
+    address, env, ray_cli = head
+    model = make_tiny_checkpoint(tmp_path / "model", bloom.BloomForSequenceClassification,
+                                 id2label={0: "neg", 1: "pos"})
+    corpus = write_corpus(tmp_path / "corpus", corpus_rows(30))
+    out = tmp_path / "out"
+    command = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+               "python", "jobs/label_corpus.py", "--task", "classify", "--model", str(model),
+               "--input", str(corpus), "--output", str(out)]
+    deadline = time.time() + 60
+    while True:
+        submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        # Just after `ray start` the head's job agent may not be up yet; the submission is refused
+        # (no job is created), so trying again is safe.
+        if "No available agent" not in submitted.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+    assert "succeeded" in submitted.stdout + submitted.stderr
+    assert "classify: 30/30 rows" in submitted.stdout
+    table = pads.dataset(str(out), format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in corpus_rows(30))
+    assert table.column("error").null_count == 30
