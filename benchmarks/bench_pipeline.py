@@ -15,6 +15,7 @@ a few long), task classify (a forward pass per batch):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -112,8 +113,7 @@ def main(argv=None) -> int:
     small = work / "small"
     small.mkdir()
     pq.write_table(pa.Table.from_pylist(rows[:10]), small / "part.parquet")
-    t_small = timed(lambda: run_label_job(LabelConfig(**{**cfg.__dict__, "input": [str(small)],
-                                                         "output": str(work / "out-small")})))
+    t_small = timed(lambda: run_label_job(dataclasses.replace(cfg, input=[str(small)], output=str(work / "out-small"))))
     ray.shutdown()
     results["pipeline_rows_per_s"] = report["rows_out"] / t_pipe
     results["pipeline_share_of_bare_loop"] = results["pipeline_rows_per_s"] / results["bare_loop_rows_per_s"]

@@ -51,28 +51,34 @@ def resolve_dtype(dtype, config: BloomConfig | None = None) -> torch.dtype:
 # ----------------------------------------------------------------------------- reading the checkpoint
 
 
-def checkpoint_files(directory: Path) -> dict[str, Path]:
-    """Map each tensor name in the checkpoint to its safetensors file; refuse pickled checkpoints."""
+def checkpoint_tensors(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Each tensor of the checkpoint → (its safetensors file, its shape), from the file headers (each read
+    once, checked complete); refuses pickled checkpoints."""
     if (directory / INDEX_FILE).is_file():
         try:
             weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{directory / INDEX_FILE} is not a valid safetensors index: {e}") from e
-        files = {name: directory / fname for name, fname in weight_map.items()}
-        for path in sorted(set(files.values())):
-            if not path.is_file():
-                raise FileNotFoundError(f"{INDEX_FILE} in {directory} lists {path.name}, which is missing")
-        return files
-    if (directory / SINGLE_FILE).is_file():
-        return {name: directory / SINGLE_FILE for name in _header(directory / SINGLE_FILE)}
-    pickled = sorted(p.name for pattern in PICKLED for p in directory.glob(pattern))
-    if pickled:
-        raise ValueError(
-            f"{directory} holds only pickled weights ({', '.join(pickled)}); bloom loads safetensors only, "
-            "because unpickling can execute arbitrary code. Convert them once, in a trusted environment, "
-            "to model.safetensors."
-        )
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+        paths = sorted({directory / fname for fname in weight_map.values()})
+    elif (directory / SINGLE_FILE).is_file():
+        weight_map, paths = None, [directory / SINGLE_FILE]
+    else:
+        pickled = sorted(p.name for pattern in PICKLED for p in directory.glob(pattern))
+        if pickled:
+            raise ValueError(
+                f"{directory} holds only pickled weights ({', '.join(pickled)}); bloom loads safetensors only, "
+                "because unpickling can execute arbitrary code. Convert them once, in a trusted environment, "
+                "to model.safetensors."
+            )
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+    tensors = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{INDEX_FILE} in {directory} lists {path.name}, which is missing")
+        for name, (shape, _) in _header(path).items():
+            if weight_map is None or weight_map.get(name) == path.name:
+                tensors[name] = (path, shape)
+    return tensors
 
 
 def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -162,12 +168,9 @@ def load_pretrained(cls, directory, *, dtype=None, device_map=None, max_memory=N
         )
     config = config or BloomConfig.from_pretrained(directory, **config_overrides)
     dtype = resolve_dtype(dtype, config)
-    files = checkpoint_files(directory)
-    shapes = {}
-    for path in sorted(set(files.values())):
-        for name, (shape, _) in _header(path).items():
-            if files.get(name) == path:
-                shapes[name] = shape
+    tensors = checkpoint_tensors(directory)
+    files = {name: path for name, (path, _) in tensors.items()}
+    shapes = {name: shape for name, (_, shape) in tensors.items()}
 
     with torch.device("meta"):
         model = cls(config)

@@ -1,6 +1,6 @@
 """Generate from a BLOOM checkpoint, streaming tokens as they come.
 
-With no --model, builds a tiny random BLOOM (with its trained tokenizer) under demo/tiny-bloom first,
+With no --model, uses the labeling job's demo checkpoint (demo/tiny-bloom-generate), built if absent,
 so it runs on a fresh machine with no network. Random weights produce gibberish; the point is the
 whole path: checkpoint → tokenizer → left-padded batch → KV-cached generation with finish reasons.
 """
@@ -14,17 +14,18 @@ from pathlib import Path
 
 import torch
 
-from bloom import BloomForCausalLM, BloomTokenizerFast
-from bloom.tiny import make_tiny_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "demo" / "tiny-bloom"
+from bloom import BloomForCausalLM, BloomTokenizerFast  # noqa: E402
+from pipelines.demo import demo_checkpoint  # noqa: E402
+
 DEFAULT_PROMPTS = ["The quick brown fox", "Le modèle multilingue", "这个模型"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None,
-                   help=f"checkpoint directory (config.json, safetensors, tokenizer.json); default: build {DEFAULT_MODEL}")
+                   help="checkpoint directory (config.json, safetensors, tokenizer.json); default: the demo checkpoint")
     p.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeatable); default: three samples")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate per prompt (default 24)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
@@ -36,12 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = DEFAULT_MODEL
-        if not (model_dir / "config.json").exists():
-            print(f"building a tiny random BLOOM checkpoint in {model_dir}", file=sys.stderr)
-            make_tiny_checkpoint(model_dir)
+    model_dir = args.model or demo_checkpoint("generate")
     model = BloomForCausalLM.from_pretrained(model_dir, dtype=args.dtype)
     tokenizer = BloomTokenizerFast.from_pretrained(model_dir, padding_side="left")
     prompts = args.prompts or DEFAULT_PROMPTS

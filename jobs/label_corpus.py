@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -96,15 +95,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"label_corpus: {e}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
+    from pipelines import init_ray
     from pipelines.label import JobFailed, run_label_job
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=args.ray_num_cpus, include_dashboard=False)
+    init_ray(args.ray_num_cpus)
     try:
         report = run_label_job(config)
     except (ValueError, FileNotFoundError) as e:

@@ -9,7 +9,6 @@ configs that name existing checkpoints.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -36,14 +35,12 @@ def main(argv=None) -> int:
         if model.parent == DEMO_ROOT and not model.exists():
             demo_checkpoint(task)
         settings["model"] = str(model)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
     from ray import serve
 
+    from pipelines import init_ray
     from pipelines.serve import app_from_config
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False) if not os.environ.get("RAY_ADDRESS") \
-        else ray.init(address=os.environ["RAY_ADDRESS"])
+    init_ray()
     app, name, prefix, http = app_from_config(config)
     http = {**http, **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
     serve.start(http_options=http)

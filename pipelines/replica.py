@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 import bloom
-from bloom.loading import checkpoint_files
+from bloom.loading import checkpoint_tensors
 
 from .config import LabelConfig
 from .spans import best_span, merge_windows, ner_entities
@@ -95,7 +95,7 @@ def pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 def _has_weights(model_dir: Path, head: str) -> bool:
     return any(name.split(".")[0] == head or name.startswith(f"transformer.{head}.")
-               for name in checkpoint_files(model_dir))
+               for name in checkpoint_tensors(model_dir))
 
 
 class BloomReplica:
@@ -375,7 +375,7 @@ class BloomReplica:
 
     def _windows(self, texts: dict[int, object], results: list[dict], pair: bool = False):
         """Tokenize each row into windows of max_input_tokens sharing `stride` tokens; returns
-        {row: [(encoding index, ids, offsets, sequence ids)]} with errors recorded per row."""
+        {row: [(ids, offsets, sequence ids)]} with errors recorded per row."""
         c, windows = self.config, {}
         for i, text in texts.items():
             args = (text[0], text[1]) if pair else (text,)
@@ -387,8 +387,11 @@ class BloomReplica:
                 continue
             windows[i] = [(enc["input_ids"][w], enc["offset_mapping"][w], enc.sequence_ids(w))
                           for w in range(len(enc["input_ids"]))]
-            total = len(self.tokenizer.encode(*args)) if len(windows[i]) > 1 else len(windows[i][0][0])
-            results[i]["input_tokens"] = total
+            # Every window after the first repeats `stride` tokens of the split text (and, for a pair, the
+            # whole question), so the input's own length follows without tokenizing it again.
+            question = sum(1 for s in windows[i][0][2] if s == 0) if pair else 0
+            repeated = (len(windows[i]) - 1) * (c.stride + question)
+            results[i]["input_tokens"] = sum(len(w[0]) for w in windows[i]) - repeated
         return windows
 
     def _run_windows(self, windows: dict[int, list], head) -> dict[int, list]:

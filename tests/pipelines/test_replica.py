@@ -216,3 +216,11 @@ def test_stream_generate_yields_the_batch_result(checkpoints, stop):
     assert final == rep.label_rows([row])[0]
     assert "".join(text for text, _ in pieces) == final["generated_text"]
     assert all(result is None for _, result in pieces[:-1]) and len(pieces) > 2
+
+
+def test_long_qa_context_counts_every_input_token_once(checkpoints):
+    rep = replica(checkpoints, "qa", max_input_tokens=64, stride=16)
+    question, context = "Who is named?", " ".join(corpus_rows(13)[i]["text"] for i in range(13)) * 2
+    res = rep.label_rows([{"question": question, "context": context}])[0]
+    assert res.get("error") is None and res["input_tokens"] == len(rep.tokenizer.encode(question, context)) > 5 * 64
+    assert context[res["start"]:res["end"]] == res["answer"]
