@@ -62,12 +62,13 @@ def required_columns(config: LabelConfig) -> list[str]:
     return list(dict.fromkeys([config.id_column, *config.keep_columns, *text_columns(config)]))
 
 
-def pool_resources(config: LabelConfig, cluster: dict, node_cpus: float) -> dict:
-    """Actor pool size and per-actor resources from the cluster's resources.
+def pool_resources(config: LabelConfig, cluster: dict, node_cpus: list[float]) -> dict:
+    """Actor pool size and per-actor resources from the cluster's resources (`node_cpus`: the CPUs of
+    each alive node; an actor must fit on one node).
 
     With GPUs: one actor per `num_gpus_per_actor` GPUs. CPU only: one CPU of the cluster stays free for
     Ray Data's read and write tasks (a pool holding every CPU starves them and the job hangs), and the
-    rest is shared by the actors, up to 8 CPUs each unless told otherwise."""
+    rest is shared by actors of up to 8 CPUs each, the split that uses the most CPUs."""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     gpu_each = config.num_gpus_per_actor if config.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if gpu_each:
@@ -75,17 +76,40 @@ def pool_resources(config: LabelConfig, cluster: dict, node_cpus: float) -> dict
             raise ValueError(f"each actor asks for {gpu_each} GPU(s) but the cluster has {gpus:g}")
         size = config.num_actors or max(1, int(gpus // gpu_each))
         cpu_each = config.num_cpus_per_actor or 1.0
+        return {"min_size": min(config.min_actors, size), "max_size": size, "num_cpus": cpu_each,
+                "num_gpus": gpu_each, "threads": max(1, math.ceil(cpu_each))}
+    reserve = 1.0 if cpus >= 2 else cpus / 2
+    caps = sorted(node_cpus or [cpus], reverse=True)
+    caps[0] -= reserve  # the free CPU is taken from the largest node
+
+    def fits(each: float) -> int:  # actors of `each` CPUs that the nodes hold
+        return sum(int(cap // each + 1e-9) for cap in caps)
+
+    if config.num_cpus_per_actor:
+        cpu_each = config.num_cpus_per_actor
+        if cpu_each > max(node_cpus or [cpus]) + 1e-9:
+            raise ValueError(f"num_cpus_per_actor={cpu_each:g} is more than any node has (largest: "
+                             f"{max(node_cpus or [cpus]):g} CPUs)")
+        size = config.num_actors or max(1, fits(cpu_each))
     else:
-        spare = cpus - 1 if cpus >= 2 else cpus / 2
-        size = config.num_actors or max(1, int(spare // 8))
-        cpu_each = config.num_cpus_per_actor or spare / size
-    if not gpu_each and cpu_each * size > cpus - min(1.0, cpus / 2) + 1e-9:
+        # Candidate sizes split some node evenly; keep those that fit the wanted pool size (or, without
+        # one, use the most CPUs), preferring bigger actors (fewer model copies).
+        candidates = [cap / k for cap in caps if cap > 0 for k in range(1, 65) if cap / k <= 8]
+        if config.num_actors:
+            size = config.num_actors
+            cpu_each = max((c for c in candidates if fits(c) >= size), default=0.0)
+            if not cpu_each:
+                cpu_each = (cpus - reserve) / size
+        else:
+            cpu_each = max(candidates, key=lambda c: (round(c * fits(c), 6), c), default=cpus / 2)
+            size = max(1, fits(cpu_each))
+    if cpu_each * size > cpus - reserve + 1e-9:
         raise ValueError(f"{size} actor(s) × {cpu_each:g} CPUs would take all {cpus:g} CPUs of the cluster, "
                          "leaving none for reading and writing: lower num_actors or num_cpus_per_actor")
-    per_node = max(1, min(size, int(node_cpus // cpu_each))) if cpu_each else size
-    threads = max(1, int(node_cpus // per_node)) if not gpu_each else max(1, math.ceil(cpu_each))
+    # On one node the actors' torch threads also use the CPU kept for reading and writing (light work).
+    threads = int(node_cpus[0] // size) if len(node_cpus) == 1 else int(cpu_each)
     return {"min_size": min(config.min_actors, size), "max_size": size, "num_cpus": cpu_each,
-            "num_gpus": gpu_each, "threads": threads}
+            "num_gpus": 0.0, "threads": max(1, threads)}
 
 
 def _prepare_output(config: LabelConfig, fingerprint: str) -> None:
@@ -149,9 +173,8 @@ def run_label_job(config: LabelConfig) -> dict:
     done, _ = scan_output(config.output)
     pending = _pending(tasks, done)
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
-    pool = pool_resources(config, ray.cluster_resources(), node_cpus)
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
     run_rows = run_tokens = 0
     if pending:
         logger.info("labeling %d row groups with %s", len(pending), pool)

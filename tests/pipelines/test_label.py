@@ -215,17 +215,35 @@ def test_glob_inputs(ray_cluster, checkpoints, corpus, tmp_path):
 
 def test_pool_sizing_never_takes_every_cpu():
     cfg = LabelConfig(task="classify", model="m")
-    two = pool_resources(cfg, {"CPU": 2.0}, node_cpus=2)
+    two = pool_resources(cfg, {"CPU": 2.0}, node_cpus=[2.0])
     assert two["max_size"] == 1 and two["num_cpus"] == 1.0 and two["num_gpus"] == 0 and two["threads"] == 2
-    big = pool_resources(cfg, {"CPU": 64.0}, node_cpus=64)
+    big = pool_resources(cfg, {"CPU": 64.0}, node_cpus=[64.0])
     assert big["max_size"] * big["num_cpus"] <= 63
-    gpus = pool_resources(cfg, {"CPU": 16.0, "GPU": 4.0}, node_cpus=16)
+    gpus = pool_resources(cfg, {"CPU": 16.0, "GPU": 4.0}, node_cpus=[16.0])
     assert gpus["max_size"] == 4 and gpus["num_gpus"] == 1
-    halves = pool_resources(LabelConfig(task="classify", model="m", num_actors=2), {"CPU": 2.0}, node_cpus=2)
+    halves = pool_resources(LabelConfig(task="classify", model="m", num_actors=2), {"CPU": 2.0}, node_cpus=[2.0])
     assert halves["max_size"] == 2 and halves["num_cpus"] == 0.5  # fractional CPUs, one CPU still free
     with pytest.raises(ValueError, match="leaving none for reading and writing"):
         pool_resources(LabelConfig(task="classify", model="m", num_actors=2, num_cpus_per_actor=1),
-                       {"CPU": 2.0}, node_cpus=2)
+                       {"CPU": 2.0}, node_cpus=[2.0])
+
+
+def test_pool_sizing_fits_actors_on_nodes():
+    """On several nodes every actor fits on one node, and one CPU of the cluster stays free."""
+    cfg = LabelConfig(task="classify", model="m")
+    for nodes in ([2.0, 2.0], [1.0, 2.0, 2.0], [16.0, 4.0], [8.0] * 5, [3.0]):
+        pool = pool_resources(cfg, {"CPU": sum(nodes)}, node_cpus=nodes)
+        caps = sorted(nodes, reverse=True)
+        caps[0] -= 1
+        placed = sum(int(c // pool["num_cpus"] + 1e-9) for c in caps)
+        assert pool["num_cpus"] <= 8 and placed >= pool["max_size"] >= 1, (nodes, pool)
+        assert pool["max_size"] * pool["num_cpus"] <= sum(nodes) - 1 + 1e-9, (nodes, pool)
+    assert pool_resources(cfg, {"CPU": 4.0}, node_cpus=[2.0, 2.0])["max_size"] == 3  # 1 + 2 CPUs, 1 each
+    two = pool_resources(LabelConfig(task="classify", model="m", num_actors=2), {"CPU": 7.0}, node_cpus=[1.0, 3.0, 3.0])
+    assert two["max_size"] == 2 and two["num_cpus"] == 2.0
+    with pytest.raises(ValueError, match="more than any node has"):
+        pool_resources(LabelConfig(task="classify", model="m", num_cpus_per_actor=4), {"CPU": 6.0},
+                       node_cpus=[2.0, 2.0, 2.0])
 
 
 def test_job_script_help_and_config_file(ray_cluster, checkpoints, corpus, tmp_path):
