@@ -1,0 +1,73 @@
+"""Annotate the partitions of a corpus that are new or changed since the last successful run.
+
+On a cluster:  ray job submit --working-dir . -- python jobs/nightly_annotate.py --config nightly.yaml
+On a laptop:   python jobs/nightly_annotate.py --config nightly.yaml        (local Ray)
+
+The YAML names the corpus root (partition directories such as date=2026-11-23/), the output root
+and the annotators (name, task, model and any labeling setting); see deploy/nightly.yaml. Each
+partition is published atomically; rerunning is safe, and a killed run resumes its work.
+
+Exit status: 0 succeeded (also when there was nothing to do), 1 some partition failed (the others
+were published), 2 bad configuration or input, 75 another run holds the output's lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
+
+from pipelines.nightly import LockHeld, NightlyConfig  # noqa: E402
+
+EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="YAML: corpus, output, annotators, ...")
+    p.add_argument("--corpus", help="corpus root (overrides the YAML)")
+    p.add_argument("--output", help="output root (overrides the YAML)")
+    p.add_argument("--wait", type=float, dest="lock_wait", help="seconds to wait for a running job's lock (default 0)")
+    p.add_argument("--prune", action="store_const", const=True, help="unpublish partitions deleted from the corpus")
+    p.add_argument("--dry-run", action="store_true", help="print what would be labeled, label nothing")
+    p.add_argument("--ray-num-cpus", type=int, help="local Ray only: CPUs to give it (default: all)")
+    args = p.parse_args(argv)
+    overrides = {k: v for k in ("corpus", "output", "lock_wait", "prune") if (v := getattr(args, k)) is not None}
+    try:
+        config = NightlyConfig.from_yaml(args.config, **overrides)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"nightly_annotate: {e}", file=sys.stderr)
+        return 2
+    from pipelines import init_ray
+    from pipelines.nightly import run_nightly
+
+    if not args.dry_run:
+        init_ray(args.ray_num_cpus)
+    try:
+        report = run_nightly(config, dry_run=args.dry_run)
+    except LockHeld as e:
+        print(f"nightly_annotate: {e}; not running", file=sys.stderr)
+        return EXIT_LOCKED
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nightly_annotate: {e}", file=sys.stderr)
+        return 2
+    for note in report["notes"]:
+        print(f"recovered: {note}")
+    verb = "would label" if args.dry_run else "labeled"
+    print(f"{verb} {len(report['new'])} new and {len(report['changed'])} changed partition(s); "
+          f"{len(report['unchanged'])} unchanged; {len(report['deleted'])} gone from the corpus"
+          + (f" ({len(report['pruned'])} pruned)" if report["pruned"] else ""))
+    for item in report["published"]:
+        print(f"published {item['partition']}: {item['rows']} rows, errored {item['errored_rows']}")
+    for key, why in report["failed"].items():
+        print(f"FAILED {key}: {why}", file=sys.stderr)
+    print(json.dumps({k: report[k] for k in ("status", "run_id", "rows_labeled")}
+                     | {"published": len(report["published"]), "failed": len(report["failed"])}))
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The nightly annotation job: label the partitions of a corpus that are new or changed since the last
+successful run, with one or more annotators, and publish each partition atomically.
+
+Layout of the output root (a local disk or a shared POSIX mount; everything but the partitions starts
+with "_", which Parquet readers skip):
+
+    <output>/date=2026-11-23/<input file name>.parquet   published partitions: id, kept columns, and
+                            /_nightly.json                 <annotator>_<field> columns; the manifest
+    <output>/_ledger.json        partition -> input fingerprint, annotator fingerprint, rows, time
+    <output>/_lock               held (flock) by the running job; a second run waits or exits
+    <output>/_work/...           each annotator's labeling output for a partition in progress (resumable)
+    <output>/_staging/<run>/...  a partition being assembled, renamed into place when complete
+    <output>/_report.json, _reports/<run>.json
+
+A partition is published by renaming a complete directory into place (an atomic exchange with the
+old one where the filesystem supports it), so readers see the old partition or the new one, never a
+mix. Its manifest is written before the rename and the ledger after it; a run killed in between is
+reconciled from the manifests by the next run. The work of a killed run is resumed, not redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .config import LabelConfig, model_fingerprint
+from .corpus import list_input_files
+from .label import JobFailed, resolve_model, run_label_job
+from .replica import output_fields
+
+logger = logging.getLogger("bloomline")
+LEDGER, LOCK, MANIFEST, REPORT = "_ledger.json", "_lock", "_nightly.json", "_report.json"
+LEDGER_VERSION = 1
+# Settings that belong to the whole job, not to one annotator.
+JOB_LEVEL = frozenset({"input", "output", "overwrite", "id_column", "keep_columns"})
+
+
+class LockHeld(RuntimeError):
+    """Another run holds the output's lock."""
+
+
+@dataclass
+class Annotator:
+    """One labeling of every row: a task, a model and its settings (any LabelConfig field), written to
+    columns named `<name>_<field>` (e.g. topic_label, topic_score)."""
+
+    name: str
+    task: str
+    model: str
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Annotator":
+        values = dict(values)
+        name, task, model = values.pop("name", None), values.pop("task", None), values.pop("model", None)
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"annotator name must be an identifier used as a column prefix (e.g. 'topic'), got {name!r}")
+        if not task or not model:
+            raise ValueError(f"annotator {name!r} needs a task and a model")
+        misplaced = sorted(JOB_LEVEL & set(values))
+        if misplaced:
+            raise ValueError(f"annotator {name!r}: {', '.join(misplaced)} are settings of the whole job, not of one annotator")
+        return cls(name, task, model, values)
+
+
+@dataclass
+class NightlyConfig:
+    corpus: str = ""  # root directory of partitions
+    output: str = ""  # output root (local disk or shared mount)
+    annotators: list[Annotator] = field(default_factory=list)
+    partitions: str = "*=*"  # glob of partition directories under corpus; "/" for nested levels (year=*/month=*)
+    ready_marker: str | None = None  # e.g. "_SUCCESS": only partitions holding this file are labeled
+    input_fingerprint: str = "stat"  # "stat": each file's path, size and mtime; "content": sha256 of its bytes
+    id_column: str = "id"
+    keep_columns: list[str] = field(default_factory=list)
+    resources: dict = field(default_factory=dict)  # LabelConfig resource settings for every annotator
+    prune: bool = False  # unpublish partitions whose input was deleted
+    lock_wait: float = 0.0  # seconds to wait for another run's lock; 0: exit at once
+
+    def __post_init__(self):
+        self.annotators = [a if isinstance(a, Annotator) else Annotator.from_dict(a) for a in self.annotators]
+        if not self.corpus or not self.output:
+            raise ValueError("corpus and output are required")
+        if "://" in self.output:
+            raise ValueError(f"output {self.output!r}: the nightly job publishes partitions by renaming directories, "
+                             "so its output must be a local disk or a shared POSIX mount (NFS, EFS, FSx), not an object store")
+        if not self.annotators:
+            raise ValueError("no annotators: list at least one (name, task, model)")
+        names = [a.name for a in self.annotators]
+        if len(set(names)) != len(names):
+            raise ValueError(f"annotator names must be unique, got {names}")
+        if self.input_fingerprint not in ("stat", "content"):
+            raise ValueError(f"input_fingerprint must be 'stat' or 'content', got {self.input_fingerprint!r}")
+        unknown = sorted(set(self.resources) - (LabelConfig.RESOURCE_FIELDS - JOB_LEVEL))
+        if unknown:
+            raise ValueError(f"resources: unknown or not a resource setting: {', '.join(unknown)}")
+        for a in self.annotators:
+            self.label_config(a, [], "")  # validates the annotator's settings now, naming it
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "NightlyConfig":
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config file {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings")
+        values = {**{k.replace("-", "_"): v for k, v in values.items()}, **overrides}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}; valid ones: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def label_config(self, annotator: Annotator, inputs: list[str], output: str) -> LabelConfig:
+        try:
+            return LabelConfig.from_dict({**self.resources, **annotator.settings, "task": annotator.task,
+                                          "model": annotator.model, "input": inputs, "output": output,
+                                          "id_column": self.id_column, "keep_columns": list(self.keep_columns)})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"annotator {annotator.name!r}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- partitions
+
+def find_partitions(config: NightlyConfig) -> dict[str, str]:
+    """partition key (its path under the corpus, e.g. "date=2026-11-23") -> directory, for the
+    directories matching `config.partitions` that hold Parquet files (and the ready marker, if set)."""
+    root = Path(config.corpus)
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus root {config.corpus} is not a directory")
+    levels = config.partitions.strip("/").split("/")
+    found = [root]
+    for pattern in levels:
+        found = [d for parent in found for d in sorted(parent.iterdir())
+                 if d.is_dir() and fnmatch.fnmatch(d.name, pattern) and not d.name.startswith(("_", "."))]
+    out = {}
+    for d in found:
+        if config.ready_marker and not (d / config.ready_marker).exists():
+            logger.info("partition %s has no %s yet: skipped", d.name, config.ready_marker)
+            continue
+        if any(d.rglob("*.parquet")):
+            out[d.relative_to(root).as_posix()] = str(d)
+    return out
+
+
+def input_fingerprint(directory: str, files: list[str], how: str) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        stat = os.stat(path)
+        h.update(f"{os.path.relpath(path, directory)}\0{stat.st_size}\0".encode())
+        if how == "content":
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(str(stat.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def annotator_fingerprints(config: NightlyConfig) -> dict[str, str]:
+    """annotator name -> fingerprint of its model and task settings (and the job's id/kept columns)."""
+    out = {}
+    for a in config.annotators:
+        model = resolve_model(a.model)
+        out[a.name] = config.label_config(a, [], "").fingerprint(model_fingerprint(model))
+    return out
+
+
+def combined(fingerprints: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ lock, ledger, publish
+
+@contextlib.contextmanager
+def output_lock(root: Path, wait: float, run_id: str):
+    """An exclusive flock on <root>/_lock for the whole run. The kernel drops it when the process dies,
+    so a killed run never leaves a stale lock. Raises LockHeld naming the holder after `wait` seconds."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+") as f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise LockHeld(f"another nightly run holds {root / LOCK} ({holder})") from None
+                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_ledger(root: Path) -> dict:
+    path = root / LEDGER
+    if not path.exists():
+        return {"version": LEDGER_VERSION, "partitions": {}}
+    try:
+        ledger = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"ledger {path} is not valid JSON ({e}); it is only ever replaced whole, so this file "
+                         "was edited by hand or by another tool") from None
+    if ledger.get("version") != LEDGER_VERSION:
+        raise ValueError(f"ledger {path} has version {ledger.get('version')!r}, this job writes {LEDGER_VERSION}")
+    return ledger
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Put the complete directory `staged` at `final`, replacing what is there in one step."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.exists():
+        os.rename(staged, final)
+    elif _exchange(staged, final):
+        shutil.rmtree(staged)  # now the old partition
+    else:
+        # No atomic exchange on this filesystem (e.g. NFS): move the old one aside first. Readers may
+        # find the partition absent for an instant, never half; a kill in between is repaired by
+        # `recover` from the ".old" copy.
+        old = staged.with_name(staged.name + ".old")
+        os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old)
+
+
+def recover(root: Path, ledger: dict) -> list[str]:
+    """Repair what a killed run left: restore a partition moved aside, drop staging, and make the
+    ledger agree with the published manifests. Returns notes for the report."""
+    notes = []
+    staging = root / "_staging"
+    if staging.exists():
+        for old in staging.glob("*/*.old"):
+            key = unquote(old.name[: -len(".old")])
+            if not (root / key).exists():
+                (root / key).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(old, root / key)
+                notes.append(f"{key}: restored the published copy a killed run had moved aside")
+        shutil.rmtree(staging)
+    published = {p.parent.relative_to(root).as_posix(): p for p in root.rglob(MANIFEST)
+                 if not p.relative_to(root).parts[0].startswith("_")}
+    for key, manifest in published.items():
+        entry = json.loads(manifest.read_text())
+        if ledger["partitions"].get(key) != entry:
+            ledger["partitions"][key] = entry
+            notes.append(f"{key}: ledger updated from the published manifest (a run was killed after publishing)")
+    for key in sorted(set(ledger["partitions"]) - set(published)):
+        del ledger["partitions"][key]
+        notes.append(f"{key}: in the ledger but not published; it will be labeled again")
+    return notes
+
+
+# -------------------------------------------------------------------------------------- the work
+
+def published_schema(config: NightlyConfig, input_schema: pa.Schema) -> pa.Schema:
+    fields = [input_schema.field(c) for c in [config.id_column, *config.keep_columns]]
+    for a in config.annotators:
+        fields += [pa.field(f"{a.name}_{f.name}", f.type) for f in output_fields(a.task)]
+    return pa.schema(fields)
+
+
+def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str], staged: Path) -> dict:
+    """Join the annotators' outputs row by row into one published file per input file, in input order."""
+    staged.mkdir(parents=True)
+    datasets = {name: pads.dataset(path, format="parquet", exclude_invalid_files=True) for name, path in work.items()}
+    rows = 0
+    errored = {a.name: 0 for a in config.annotators}
+    for uri in files:
+        schema = published_schema(config, pq.read_schema(uri))
+        columns = {}
+        keys = None
+        for a in config.annotators:
+            names = [f.name for f in output_fields(a.task)]
+            base = [config.id_column, *config.keep_columns] if not columns else []
+            table = datasets[a.name].to_table(columns=["_row", *base, *names],
+                                              filter=pads.field("_source") == uri).sort_by("_row")
+            if keys is None:
+                keys = table.column("_row")
+            elif not table.column("_row").equals(keys):
+                raise JobFailed(f"annotator {a.name!r} labeled other rows of {uri} than the others")
+            for c in base:
+                columns[c] = table.column(c)
+            for n in names:
+                columns[f"{a.name}_{n}"] = table.column(n)
+            errored[a.name] += table.num_rows - table.column("error").null_count
+        out = pa.table(columns).cast(schema)
+        target = staged / os.path.relpath(uri, directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(out, target)
+        rows += out.num_rows
+    return {"rows": rows, "errored_rows": errored}
+
+
+def label_partition(config: NightlyConfig, key: str, directory: str, fingerprints: dict, run_id: str,
+                    root: Path) -> dict:
+    """Label one partition with every annotator (resuming their earlier work) and publish it."""
+    files = list_input_files([directory])
+    in_fp = input_fingerprint(directory, files, config.input_fingerprint)
+    safe = quote(key, safe="=")  # one path component
+    work, seconds = {}, {}
+    for a in config.annotators:
+        # The work directory is named by what decides its content: a changed input or annotator starts afresh.
+        tag = hashlib.sha256(f"{in_fp}\0{fingerprints[a.name]}".encode()).hexdigest()[:16]
+        path = root / "_work" / safe / f"{a.name}-{tag}"
+        for stale in (root / "_work" / safe).glob(f"{a.name}-*"):
+            if stale != path:
+                shutil.rmtree(stale)
+        started = time.time()
+        report = run_label_job(config.label_config(a, files, str(path)))
+        seconds[a.name] = round(time.time() - started, 3)
+        if report["rows_in"] != report["rows_out"]:
+            raise JobFailed(f"annotator {a.name!r} wrote {report['rows_out']} of {report['rows_in']} rows")
+        work[a.name] = str(path)
+    if input_fingerprint(directory, files, config.input_fingerprint) != in_fp or list_input_files([directory]) != files:
+        raise JobFailed(f"partition {key} changed while it was being labeled; it will be labeled again next run")
+    staged = root / "_staging" / run_id / safe
+    entry = {"partition": key, "input_fingerprint": in_fp, "annotator_fingerprint": combined(fingerprints),
+             "annotators": dict(fingerprints), "files": len(files), "run_id": run_id}
+    entry.update(assemble(config, directory, files, work, staged))
+    entry["published_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json_atomic(staged / MANIFEST, entry)
+    publish(staged, root / key)
+    shutil.rmtree(root / "_work" / safe, ignore_errors=True)
+    entry["seconds"] = seconds
+    return entry
+
+
+def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict) -> dict:
+    """Which partitions are new, changed (input or annotators), unchanged, or gone from the corpus."""
+    partitions = find_partitions(config)
+    want = combined(fingerprints)
+    plan = {"new": [], "changed": [], "unchanged": [], "deleted": sorted(set(ledger["partitions"]) - set(partitions)),
+            "directories": partitions}
+    for key, directory in partitions.items():
+        entry = ledger["partitions"].get(key)
+        if entry is None:
+            plan["new"].append(key)
+            continue
+        files = list_input_files([directory])
+        same_input = entry["input_fingerprint"] == input_fingerprint(directory, files, config.input_fingerprint)
+        plan["unchanged" if same_input and entry["annotator_fingerprint"] == want else "changed"].append(key)
+    return plan
+
+
+def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
+    """Label the new and changed partitions; returns the run report (also in <output>/_report.json).
+
+    Raises LockHeld when another run holds the output, ValueError / FileNotFoundError for a bad
+    config before any work. A partition that fails is reported and left as it was (the others go on);
+    the report's status is then "failed"."""
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    root = Path(config.output).resolve()
+    fingerprints = annotator_fingerprints(config)
+    started = time.time()
+    with output_lock(root, config.lock_wait, run_id):
+        ledger = read_ledger(root)
+        notes = recover(root, ledger)
+        if notes:
+            write_json_atomic(root / LEDGER, ledger)
+        plan = plan_run(config, ledger, fingerprints)
+        report = {"run_id": run_id, "status": "succeeded", "dry_run": dry_run, "notes": notes,
+                  **{k: plan[k] for k in ("new", "changed", "unchanged", "deleted")},
+                  "published": [], "failed": {}, "pruned": [], "rows_labeled": 0}
+        if not dry_run:
+            for key in sorted(plan["new"] + plan["changed"]):
+                logger.info("labeling partition %s", key)
+                try:
+                    entry = label_partition(config, key, plan["directories"][key], fingerprints, run_id, root)
+                except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
+                    logger.error("partition %s failed: %s", key, e)
+                    report["failed"][key] = f"{type(e).__name__}: {e}"
+                    continue
+                seconds = entry.pop("seconds")
+                ledger["partitions"][key] = entry
+                write_json_atomic(root / LEDGER, ledger)
+                report["published"].append({"partition": key, "rows": entry["rows"],
+                                            "errored_rows": entry["errored_rows"], "seconds": seconds})
+                report["rows_labeled"] += entry["rows"]
+            if config.prune:
+                for key in plan["deleted"]:
+                    if (root / key).exists():
+                        aside = root / "_staging" / run_id / (quote(key, safe="=") + ".pruned")
+                        aside.parent.mkdir(parents=True, exist_ok=True)
+                        os.rename(root / key, aside)
+                    del ledger["partitions"][key]
+                    write_json_atomic(root / LEDGER, ledger)
+                    report["pruned"].append(key)
+            shutil.rmtree(root / "_staging", ignore_errors=True)  # ours alone: we hold the lock
+            for gone in (root / "_work").glob("*") if (root / "_work").exists() else []:
+                if unquote(gone.name) not in plan["directories"]:
+                    shutil.rmtree(gone)  # work for partitions deleted from the corpus
+        if report["failed"]:
+            report["status"] = "failed"
+        report["wall_seconds"] = round(time.time() - started, 3)
+        report["partitions_published_total"] = len(ledger["partitions"])
+        if not dry_run:
+            (root / "_reports").mkdir(exist_ok=True)
+            write_json_atomic(root / "_reports" / f"{run_id}.json", report)
+            write_json_atomic(root / REPORT, report)
+    return report

@@ -1,0 +1,279 @@
+"""The nightly job: only new or changed partitions are labeled, each published whole, reruns and
+concurrent runs are safe, and a killed run leaves complete partitions and a consistent ledger."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipelines.config import LabelConfig
+from pipelines.nightly import LEDGER, MANIFEST, NightlyConfig, publish, read_ledger, recover, run_nightly
+from pipelines.replica import BloomReplica
+from tests.pipelines.conftest import corpus_rows, write_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "jobs" / "nightly_annotate.py")
+
+
+def partition_rows(day: int, n: int) -> list[dict]:
+    return [dict(r, id=f"d{day}-{r['id']}") for r in corpus_rows(n)]
+
+
+def make_corpus(root: Path, sizes: dict[int, int]) -> Path:
+    for day, n in sizes.items():
+        write_corpus(root / f"date=2026-11-{day:02d}", partition_rows(day, n), files=2, row_group_size=5)
+    return root
+
+
+def settings(corpus, out, *annotators, **extra) -> dict:
+    return {"corpus": str(corpus), "output": str(out), "annotators": list(annotators), "keep_columns": ["lang"],
+            "resources": {"rows_per_batch": 16}, **extra}
+
+
+def published(out: Path) -> pa.Table:
+    return pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+
+
+def assert_consistent(out: Path, corpus: Path, finished: bool = True) -> dict:
+    """Ledger == manifests == published partitions; each published partition holds its input's rows
+    exactly once; after a run that finished, nothing temporary is left. Returns the ledger's partitions."""
+    ledger = read_ledger(out)["partitions"]
+    manifests = {p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.glob("*/" + MANIFEST)}
+    assert ledger == manifests
+    for key, entry in ledger.items():
+        ids = pq.read_table(out / key, columns=["id"]).column("id").to_pylist()
+        inputs = pq.read_table(corpus / key, columns=["id"]).column("id").to_pylist()
+        assert sorted(ids) == sorted(inputs) and len(ids) == len(set(ids)) == entry["rows"], key
+    if finished:
+        assert not (out / "_staging").exists()
+        assert not list(out.glob(".*.tmp"))
+    return ledger
+
+
+def test_runs_label_only_new_and_changed_partitions(ray_cluster, checkpoints, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", {1: 20, 2: 12, 3: 16})
+    out = tmp_path / "out"
+    cfg = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])},
+                                   {"name": "ents", "task": "ner", "model": str(checkpoints["ner"])}))
+
+    # A reader polling the output during the first run never sees part of a partition.
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                t = published(out)
+            except (OSError, pa.ArrowException, FileNotFoundError):
+                continue
+            if t.num_rows:
+                seen.append(t.group_by("date").aggregate([("id", "count")]).to_pylist())
+            time.sleep(0.05)
+
+    poll = threading.Thread(target=reader)
+    poll.start()
+    try:
+        first = run_nightly(cfg)
+    finally:
+        stop.set()
+        poll.join()
+    assert first["status"] == "succeeded" and sorted(first["new"]) == [f"date=2026-11-0{d}" for d in (1, 2, 3)]
+    assert first["rows_labeled"] == 48
+    assert seen and all(row["id_count"] == {"2026-11-01": 20, "2026-11-02": 12, "2026-11-03": 16}[str(row["date"])]
+                        for snapshot in seen for row in snapshot)
+    ledger = assert_consistent(out, corpus)
+
+    # Columns: id, kept column, <annotator>_<field>; values equal the replica's on the same rows.
+    table = published(out)
+    assert {"id", "lang", "topic_label", "topic_score", "topic_error", "ents_entities", "ents_error"} <= set(table.column_names)
+    rows = pq.read_table(corpus / "date=2026-11-02").sort_by("id")
+    want = BloomReplica(LabelConfig(task="classify", model=str(checkpoints["classify"]), keep_columns=["lang"]))(rows)
+    got = pq.read_table(out / "date=2026-11-02").sort_by("id")
+    assert got.column("topic_label").to_pylist() == want.column("label").to_pylist()
+    assert got.column("lang").to_pylist() == rows.column("lang").to_pylist()
+
+    # A rerun labels nothing and leaves the published files alone.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    again = run_nightly(cfg)
+    assert again["new"] == again["changed"] == again["published"] == [] and len(again["unchanged"]) == 3
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == stamps
+    assert read_ledger(out)["partitions"] == ledger
+
+    # A new partition and a changed one: exactly those two.
+    make_corpus(corpus, {4: 8})
+    write_corpus(corpus / "date=2026-11-02", partition_rows(2, 18), files=2, row_group_size=5)
+    third = run_nightly(cfg)
+    assert third["new"] == ["date=2026-11-04"] and third["changed"] == ["date=2026-11-02"]
+    assert sorted(p["partition"] for p in third["published"]) == ["date=2026-11-02", "date=2026-11-04"]
+    ledger = assert_consistent(out, corpus)
+    assert ledger["date=2026-11-02"]["rows"] == 18 and ledger["date=2026-11-01"] == read_ledger(out)["partitions"]["date=2026-11-01"]
+    assert published(out).num_rows == 20 + 18 + 16 + 8
+
+    # Changing an annotator's settings relabels every partition; a removed input is reported, kept
+    # unless pruned.
+    import shutil
+
+    shutil.rmtree(corpus / "date=2026-11-03")
+    changed = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "threshold": 0.9,
+                                                     "model": str(checkpoints["classify"])}), prune=True)
+    fourth = run_nightly(changed)
+    assert sorted(fourth["changed"]) == ["date=2026-11-01", "date=2026-11-02", "date=2026-11-04"]
+    assert fourth["deleted"] == fourth["pruned"] == ["date=2026-11-03"]
+    assert "ents_entities" not in published(out).column_names
+    assert sorted(assert_consistent(out, corpus)) == ["date=2026-11-01", "date=2026-11-02", "date=2026-11-04"]
+    assert json.loads((out / "_report.json").read_text())["run_id"] == fourth["run_id"]
+    assert len(list((out / "_reports").glob("*.json"))) == 4
+
+
+def nightly_yaml(tmp_path, corpus, out, annotator, **extra) -> Path:
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(settings(corpus, out, annotator, **extra)))
+    return path
+
+
+def test_killed_run_publishes_complete_partitions_only_and_a_rerun_finishes(ray_cluster, checkpoints, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", {d: 20 for d in range(1, 5)})
+    out = tmp_path / "out"
+    config = nightly_yaml(tmp_path, corpus, out, {"name": "gen", "task": "generate", "max_new_tokens": 24,
+                                                  "rows_per_batch": 5, "model": str(checkpoints["generate"])})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    # Kill it once one partition is published and the next one is partly labeled.
+    while time.time() < deadline and proc.poll() is None:
+        if list(out.glob("*/" + MANIFEST)) and list(out.glob("_work/*/gen-*/part-*.parquet")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed; make it slower"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = assert_consistent(out, corpus, finished=False)
+    assert 1 <= len(done) < 4
+    assert published(out).num_rows == 20 * len(done)  # readers see whole partitions only
+
+    rerun = subprocess.run([sys.executable, SCRIPT, "--config", str(config)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert report["status"] == "succeeded" and report["published"] == 4 - len(done)
+    ledger = assert_consistent(out, corpus)
+    assert sorted(ledger) == [f"date=2026-11-0{d}" for d in range(1, 5)]
+    assert all(ledger[k] == v for k, v in done.items())  # published partitions were not redone
+    assert not (out / "_work").exists() or not any((out / "_work").iterdir())
+
+
+def test_concurrent_runs_do_not_corrupt_the_ledger(ray_cluster, checkpoints, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", {1: 10, 2: 10})
+    out = tmp_path / "out"
+    config = nightly_yaml(tmp_path, corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
+    run = lambda *flags: subprocess.Popen([sys.executable, SCRIPT, "--config", str(config), *flags], env=env,  # noqa: E731
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run()
+    while not (out / "_lock").exists() or not (out / "_lock").read_text().strip():
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    waiting, refused = run("--wait", "600"), run()
+    outputs = {name: (p.wait(timeout=600), *p.communicate()) for name, p in
+               (("first", first), ("waiting", waiting), ("refused", refused))}
+    assert outputs["first"][0] == 0, outputs["first"][2][-3000:]
+    assert outputs["refused"][0] == 75 and "another nightly run holds" in outputs["refused"][2]
+    assert str(first.pid) in outputs["refused"][2]  # names the holder
+    assert outputs["waiting"][0] == 0, outputs["waiting"][2][-3000:]
+    assert json.loads(outputs["first"][1].strip().splitlines()[-1])["published"] == 2
+    assert json.loads(outputs["waiting"][1].strip().splitlines()[-1])["published"] == 0
+    assert sorted(assert_consistent(out, corpus)) == ["date=2026-11-01", "date=2026-11-02"]
+
+
+def test_a_failing_partition_is_left_unpublished_and_the_others_go_on(ray_cluster, checkpoints, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", {1: 10})
+    bad = [dict(r, text=None) for r in partition_rows(2, 10)]
+    write_corpus(corpus / "date=2026-11-02", bad, files=1)
+    out = tmp_path / "out"
+    config = nightly_yaml(tmp_path, corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])})
+    done = subprocess.run([sys.executable, SCRIPT, "--config", str(config)], capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 1
+    assert "FAILED date=2026-11-02" in done.stderr and "10 of 10 rows errored" in done.stderr
+    assert sorted(assert_consistent(out, corpus)) == ["date=2026-11-01"]
+    report = json.loads((out / "_report.json").read_text())
+    assert report["status"] == "failed" and list(report["failed"]) == ["date=2026-11-02"]
+
+
+def test_partition_discovery_marker_nesting_and_dry_run(tmp_path, checkpoints):
+    corpus = tmp_path / "corpus"
+    for key in ("year=2026/month=10", "year=2026/month=11", "year=2025/month=12"):
+        write_corpus(corpus / key, partition_rows(1, 4), files=1)
+    (corpus / "year=2026" / "month=10" / "_SUCCESS").touch()
+    (corpus / "year=2025" / "month=12" / "_SUCCESS").touch()
+    (corpus / "_tmp").mkdir()
+    out = tmp_path / "out"
+    annotator = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    cfg = NightlyConfig(**settings(corpus, out, annotator, partitions="year=*/month=*", ready_marker="_SUCCESS"))
+    report = run_nightly(cfg, dry_run=True)
+    assert report["new"] == ["year=2025/month=12", "year=2026/month=10"]  # month=11 is not ready
+    assert not (out / LEDGER).exists() and not list(out.rglob("*.parquet"))
+
+
+def test_bad_configs_are_named_before_any_work(tmp_path, checkpoints):
+    corpus = make_corpus(tmp_path / "corpus", {1: 4})
+    good = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    cases = [
+        ({"annotators": []}, "no annotators"),
+        ({"annotators": [good, good]}, "unique"),
+        ({"annotators": [dict(good, name="bad name")]}, "identifier"),
+        ({"annotators": [dict(good, output="/x")]}, "settings of the whole job"),
+        ({"annotators": [dict(good, threshold=2)]}, "annotator 'topic': threshold"),
+        ({"annotators": [dict(good, colour="red")]}, "annotator 'topic': unknown setting"),
+        ({"output": "s3://bucket/out"}, "not an object store"),
+        ({"resources": {"task": "ner"}}, "not a resource setting"),
+        ({"input_fingerprint": "mtime"}, "input_fingerprint"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            NightlyConfig(**{**settings(corpus, tmp_path / "out", good), **change})
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        run_nightly(NightlyConfig(**settings(tmp_path / "nope", tmp_path / "out", good)))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**settings(corpus, tmp_path / "out", good), "annotator": []}))
+    done = subprocess.run([sys.executable, SCRIPT, "--config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown setting(s): annotator" in done.stderr
+
+
+def test_publish_replaces_whole_and_recover_repairs_a_killed_publish(tmp_path, monkeypatch):
+    root = tmp_path / "out"
+    final = root / "date=1"
+
+    def staged(name, content):
+        d = root / "_staging" / "run" / name
+        d.mkdir(parents=True)
+        (d / "a.parquet").write_text(content)
+        return d
+
+    publish(staged("date=1", "v1"), final)
+    publish(staged("date=1", "v2"), final)  # atomic exchange
+    assert (final / "a.parquet").read_text() == "v2" and not (root / "_staging" / "run" / "date=1").exists()
+    monkeypatch.setattr("pipelines.nightly._exchange", lambda a, b: False)  # e.g. NFS
+    publish(staged("date=1", "v3"), final)
+    assert (final / "a.parquet").read_text() == "v3" and not list((root / "_staging" / "run").iterdir())
+
+    # Killed between moving the old copy aside and renaming the new one in: recover puts it back.
+    os.rename(final, root / "_staging" / "run" / "date=1.old")
+    (root / "_staging" / "run" / "date=2").mkdir()  # a half-assembled partition
+    entry = {"partition": "date=1", "rows": 3}
+    (root / "_staging" / "run" / "date=1.old" / MANIFEST).write_text(json.dumps(entry))
+    ledger = {"version": 1, "partitions": {"date=9": {"rows": 1}}}
+    notes = recover(root, ledger)
+    assert (final / "a.parquet").read_text() == "v3" and not (root / "_staging").exists()
+    # The ledger follows the published manifests: date=1 (published, not in the ledger) added,
+    # date=9 (in the ledger, not published) dropped.
+    assert ledger["partitions"] == {"date=1": entry} and len(notes) == 3
