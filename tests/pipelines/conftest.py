@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,3 +64,20 @@ def write_corpus(directory, rows: list[dict], files: int = 2, row_group_size: in
 @pytest.fixture
 def corpus(tmp_path):
     return write_corpus(tmp_path / "corpus", corpus_rows(60))
+
+
+def replica_actor_pids(parent: int | None = None) -> list[int]:
+    """PIDs of live Ray Data actor-pool workers, found by the process title Ray gives them; with
+    `parent`, only those started by that raylet (i.e. on that node)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmdline.startswith("ray::") and "MapWorker" in cmdline and parent in (None, ppid):
+            pids.append(int(proc.name))
+    return pids

@@ -18,7 +18,7 @@ import pytest
 from pipelines.config import LabelConfig
 from pipelines.label import JobFailed, pool_resources, run_label_job
 from pipelines.replica import BloomReplica, output_fields
-from tests.pipelines.conftest import corpus_rows, write_corpus
+from tests.pipelines.conftest import corpus_rows, replica_actor_pids, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK_SETTINGS = {
@@ -121,19 +121,6 @@ def test_driver_killed_mid_run_then_rerun_gives_every_row_once(ray_cluster, chec
     keys = list(zip(table.column("_source").to_pylist(), table.column("_row").to_pylist()))
     assert len(keys) == len(set(keys)) == 120
     assert not list(out.glob(".*.tmp"))
-
-
-def replica_actor_pids() -> list[int]:
-    """PIDs of live Ray Data actor-pool workers, found by the process title Ray gives them."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-        if proc.name.isdigit() and cmdline.startswith("ray::") and "MapWorker" in cmdline:
-            pids.append(int(proc.name))
-    return pids
 
 
 def test_actor_killed_mid_run_is_replaced_and_the_job_completes(ray_cluster, checkpoints, tmp_path):
