@@ -1,6 +1,7 @@
 # The project's commands. Each sets up what it needs (a virtualenv in .venv) on a fresh machine.
 #   make demo   - the main job on local Ray: label a demo corpus with a demo checkpoint, for every task
 #   make label  - the main job with your arguments: make label ARGS="--task ner --model ... --input ... --output ..."
+#   make nightly - the nightly job: make nightly ARGS="--config deploy/nightly.yaml" (no ARGS: a demo)
 #   make test   - the test suite
 #   make bench  - benchmarks: the model against the reference (bloom-560m shape), the pipeline against a bare loop
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here; the package itself accepts a range (GPU builds included).
 PIP_CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: install demo label serve generate test bench clean
+.PHONY: install demo label nightly serve generate test bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ demo: install
 
 label: install
 	$(PY) jobs/label_corpus.py $(ARGS)
+
+nightly: install
+	$(PY) jobs/nightly_annotate.py $(ARGS)
 
 serve: install
 	$(PY) jobs/serve_bloom.py $(ARGS)

@@ -2,6 +2,7 @@
 
 On a cluster:  ray job submit --working-dir . -- python jobs/nightly_annotate.py --config nightly.yaml
 On a laptop:   python jobs/nightly_annotate.py --config nightly.yaml        (local Ray)
+A demo:        python jobs/nightly_annotate.py       (no --config: demo partitions and checkpoints)
 
 The YAML names the corpus root (partition directories such as date=2026-11-23/), the output root
 and the annotators (name, task, model and any labeling setting); see deploy/nightly.yaml. Each
@@ -27,7 +28,7 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, required=True, help="YAML: corpus, output, annotators, ...")
+    p.add_argument("--config", type=Path, help="YAML: corpus, output, annotators, ... (default: a demo)")
     p.add_argument("--corpus", help="corpus root (overrides the YAML)")
     p.add_argument("--output", help="output root (overrides the YAML)")
     p.add_argument("--wait", type=float, dest="lock_wait", help="seconds to wait for a running job's lock (default 0)")
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     overrides = {k: v for k in ("corpus", "output", "lock_wait", "prune") if (v := getattr(args, k)) is not None}
     try:
+        if args.config is None:
+            from pipelines.demo import demo_nightly
+
+            args.config = demo_nightly()
         config = NightlyConfig.from_yaml(args.config, **overrides)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"nightly_annotate: {e}", file=sys.stderr)

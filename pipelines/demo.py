@@ -51,3 +51,24 @@ def demo_corpus(root: Path = DEMO_ROOT, rows: int = 200) -> Path:
         pq.write_table(table.slice(0, half), path / "part-a.parquet", row_group_size=25)
         pq.write_table(table.slice(half), path / "part-b.parquet", row_group_size=25)
     return path
+
+
+def demo_nightly(root: Path = DEMO_ROOT, days: int = 3) -> Path:
+    """A nightly-job config over a demo corpus of `days` date partitions (the demo corpus's rows split
+    by day), annotated with the demo classify and NER checkpoints. Returns the YAML's path."""
+    import yaml
+
+    corpus = root / "nightly-corpus"
+    table = pq.read_table(demo_corpus(root))
+    per = -(-table.num_rows // days)
+    for day in range(days):
+        part = corpus / f"date=2026-11-{day + 1:02d}"
+        if not part.exists():
+            part.mkdir(parents=True)
+            pq.write_table(table.slice(day * per, per), part / "docs.parquet", row_group_size=25)
+    config = {"corpus": str(corpus), "output": str(root / "nightly-out"), "partitions": "date=*",
+              "annotators": [{"name": "sentiment", "task": "classify", "model": str(demo_checkpoint("classify", root))},
+                             {"name": "entities", "task": "ner", "model": str(demo_checkpoint("ner", root))}]}
+    path = root / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
