@@ -231,27 +231,33 @@ def _decode(
     reasons: list[str | None] = [None] * B
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(cfg.n_layer, capacity=T + max_new_tokens)
+    # The mask for every step at once: step k attends to the prompt and the k tokens before it.
+    full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
     step_ids = input_ids
     for step in range(max_new_tokens):
-        logits = model(step_ids, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
+        logits = model(step_ids, past_key_values=cache, attention_mask=full_mask[:, : T + step], use_cache=True,
+                       logits_to_keep=1).logits
         token = next_token(logits[:, -1].float(), seen, params)
         token = token.masked_fill(done, pad)
         active = ~done
         seen[torch.arange(B, device=device), token] |= active
         finished_eos = active & torch.isin(token, eos_ids)
-        for row in active.nonzero().flatten().tolist():
-            if finished_eos[row]:
+        # The step's one device-to-host copy: the finish checks (and stop strings) need the tokens.
+        host_tokens, host_eos = torch.stack([token, finished_eos.to(token.dtype)]).tolist()
+        for row in range(B):
+            if reasons[row] is not None:
+                continue
+            if host_eos[row]:
                 reasons[row] = "eos"
-            elif stops.hit(row, int(token[row])):
+            elif stops.hit(row, host_tokens[row]):
                 reasons[row] = "stop"
             elif step == max_new_tokens - 1:
                 reasons[row] = "length"
-        done = torch.tensor([r is not None for r in reasons], device=device)
         yield StreamStep(token, active, list(reasons))
-        if done.all():
+        if all(r is not None for r in reasons):
             return
+        done = torch.tensor([r is not None for r in reasons], device=device)
         step_ids = token[:, None]
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
 
 
 class GenerationMixin:
@@ -267,12 +273,13 @@ class GenerationMixin:
         reference, or a GenerateOutput with finish reasons when return_dict_in_generate=True.
         """
         B = input_ids.shape[0]
-        new, reasons, counts = [], [None] * B, [0] * B
+        new, reasons = [], [None] * B
+        active_steps = torch.zeros(B, dtype=torch.long, device=input_ids.device)
         for step in _decode(self, input_ids, attention_mask, **kwargs):
             new.append(step.tokens)
             reasons = step.finish_reason
-            for row in step.active.nonzero().flatten().tolist():
-                counts[row] += 1
+            active_steps = active_steps + step.active.to(active_steps.device)
+        counts = active_steps.tolist()
         sequences = torch.cat([input_ids.to(self.get_input_embeddings().weight.device), *[t[:, None] for t in new]], 1)
         if not return_dict_in_generate:
             return sequences
