@@ -38,6 +38,7 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 bench: install
+	$(PY) -m pip install -q -c $(PIP_CONSTRAINTS) -e '.[test,bench]'
 	$(PY) benchmarks/bench_model.py $(ARGS)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_serve.py

@@ -2,7 +2,7 @@
 
 from .config import BloomConfig
 from .generation import GenerateOutput, KVCache, StreamStep
-from .loading import resolve_dtype
+from .loading import fast_bf16, resolve_dtype
 from .model import (
     BloomForCausalLM,
     BloomForQuestionAnswering,
@@ -26,5 +26,6 @@ __all__ = [
     "KVCache",
     "GenerateOutput",
     "StreamStep",
+    "fast_bf16",
     "resolve_dtype",
 ]

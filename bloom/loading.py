@@ -9,6 +9,7 @@ with a BloomBlock as the unit that is never split.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,18 +35,41 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(dtype, config: BloomConfig | None = None) -> torch.dtype:
-    """None → float32; "auto" → the checkpoint's torch_dtype (float32 if unrecorded); names or torch dtypes."""
+def resolve_dtype(dtype, config: BloomConfig | None = None, device=None) -> torch.dtype:
+    """None → float32; "auto" → the checkpoint's torch_dtype (float32 if unrecorded); "fast" → bfloat16
+    where `device` computes it faster than float32 (`fast_bf16`), else float32; names or torch dtypes."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return resolve_dtype(config.torch_dtype if config and config.torch_dtype else None)
+    if dtype == "fast":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16 or 'auto'")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, 'auto' or 'fast'")
     return _DTYPES[name]
+
+
+def fast_bf16(device=None) -> bool:
+    """Whether `device` multiplies in bf16 faster than in fp32: CUDA GPUs with bf16 (Ampere and later),
+    and x86 CPUs with AMX or AVX-512 BF16 instructions (BLOOM was trained in bf16, so its weights lose
+    nothing to it)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell cheaply, so no bf16 by default
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 # ----------------------------------------------------------------------------- reading the checkpoint
@@ -151,7 +175,8 @@ def load_pretrained(cls, directory, *, dtype=None, device_map=None, max_memory=N
                     offload_folder=None, config: BloomConfig | None = None, **config_overrides):
     """Build `cls` from a checkpoint directory (config.json + model.safetensors or a sharded set).
 
-    dtype: torch dtype, name, or "auto" (the checkpoint's); default float32.
+    dtype: torch dtype, name, "auto" (the checkpoint's) or "fast" (bf16 where the device has fast bf16,
+    else float32); default float32.
     device / device_map: one device, or "auto" / "balanced" / "balanced_low_0" / "sequential" / a dict
     {module name: device}; devices may include "cpu" and "disk" (needs offload_folder).
     config_overrides update config.json's values (e.g. num_labels, id2label, problem_type).
@@ -167,7 +192,8 @@ def load_pretrained(cls, directory, *, dtype=None, device_map=None, max_memory=N
             "fetch hub models first, e.g. with huggingface_hub.snapshot_download)"
         )
     config = config or BloomConfig.from_pretrained(directory, **config_overrides)
-    dtype = resolve_dtype(dtype, config)
+    target = device if device is not None else ("cuda" if device_map and torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, config, target)
     tensors = checkpoint_tensors(directory)
     files = {name: path for name, (path, _) in tensors.items()}
     shapes = {name: shape for name, (_, shape) in tensors.items()}

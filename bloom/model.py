@@ -70,6 +70,9 @@ def _tp_linear(x: torch.Tensor, linear: nn.Linear, tp: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the transformer block
 
 
+SDPA_MIN_KEYS_CPU = 256  # on CPU, attention over this many keys or fewer skips SDPA (see below)
+
+
 class BloomAttention(nn.Module):
     def __init__(self, config: BloomConfig, layer_idx: int):
         super().__init__()
@@ -90,7 +93,10 @@ class BloomAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D)
         p_drop = self.attention_dropout if self.training else 0.0
         probs = None
-        if output_attentions or head_mask is not None:
+        # SDPA's CPU kernel is slower than the plain product below for short keys (measured: 5.4 vs
+        # 2.8 ms at B=8, H=16, T=S=128 in bf16) and faster for long ones (18 vs 31 ms at S=512).
+        explicit = k.device.type == "cpu" and k.shape[2] <= SDPA_MIN_KEYS_CPU
+        if output_attentions or head_mask is not None or explicit:
             scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)) + bias  # (B, H, T, S)
             # Softmax in fp32 whatever the model dtype, as BLOOM was trained.
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

@@ -45,7 +45,7 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--too-long", "too_long", str, "rows over --max-input-tokens: 'error' (default) or 'truncate'"),
     ("--max-errored-rows", "max_errored_rows", int, "fail the job when more rows than this errored"),
     ("--max-errored-fraction", "max_errored_fraction", float, "fail the job past this fraction of errored rows (default 0.1)"),
-    ("--dtype", "dtype", str, "float32 (default), bfloat16, float16, or auto (the checkpoint's)"),
+    ("--dtype", "dtype", str, "fast (default: bfloat16 where the hardware computes it fast, else float32), float32, bfloat16, float16, or auto (the checkpoint's)"),
     ("--device-map", "device_map", str, "spread each replica over its GPUs: auto, balanced, sequential"),
     ("--num-actors", "num_actors", int, "most replicas in the pool (default: what the cluster fits)"),
     ("--min-actors", "min_actors", int, "fewest replicas in the pool (default 1)"),

@@ -56,7 +56,7 @@ class LabelConfig:
     max_errored_fraction: float | None = 0.1
     overwrite: bool = False
     # --- resources (not part of the fingerprint) ---
-    dtype: str = "float32"
+    dtype: str = "fast"  # bfloat16 where the device computes it fast (recent GPUs, AMX/AVX512-BF16 CPUs), else float32
     device_map: str | None = None  # e.g. "auto" to spread a replica over an actor's GPUs
     num_actors: int | None = None  # pool max size; None: as many as the cluster fits
     min_actors: int = 1

@@ -206,3 +206,15 @@ def test_config_for_another_architecture(make_checkpoint, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="gpt2"):
         bloom.BloomForCausalLM.from_pretrained(d)
+
+
+def test_fast_dtype_is_bf16_only_where_the_cpu_has_bf16_instructions(make_checkpoint, monkeypatch):
+    from bloom import loading
+
+    for flags, want in (({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16), ({"avx2", "amx_bf16"}, torch.bfloat16),
+                        ({"avx2", "avx512f"}, torch.float32), (set(), torch.float32)):
+        monkeypatch.setattr(loading, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        assert bloom.resolve_dtype("fast", device="cpu") == want
+        assert bloom.BloomModel.from_pretrained(make_checkpoint(), dtype="fast").dtype == want
+    with pytest.raises(ValueError, match="'fast'"):
+        bloom.resolve_dtype("fastest")

@@ -67,8 +67,11 @@ def test_forward_matches_reference(make_checkpoint, cls_name, variant, padding_s
 
 
 @pytest.mark.parametrize("cls_name", CLASSES)
-def test_fast_attention_path_matches_reference(make_checkpoint, cls_name):
-    """Without output_attentions the model uses scaled_dot_product_attention; same numbers."""
+@pytest.mark.parametrize("sdpa_min_keys", [0, 10**6])
+def test_fast_attention_paths_match_reference(make_checkpoint, cls_name, sdpa_min_keys, monkeypatch):
+    """Without output_attentions the model uses scaled_dot_product_attention, or on CPU for short
+    keys a plain product (the threshold forced both ways here); same numbers."""
+    monkeypatch.setattr(bloom.model, "SDPA_MIN_KEYS_CPU", sdpa_min_keys)
     path = make_checkpoint(cls_name, **CLASSES[cls_name])
     ours, ref = getattr(bloom, cls_name).from_pretrained(path), load_reference(path, cls_name)
     ids, mask = batch("left", seed=1)
@@ -179,7 +182,9 @@ def test_question_answering_loss_with_out_of_range_positions(make_checkpoint):
 # ----------------------------------------------------------------------------- cache, outputs, head mask
 
 
-def test_incremental_decoding_equals_full_forward(make_checkpoint):
+@pytest.mark.parametrize("sdpa_min_keys", [0, 10**6])
+def test_incremental_decoding_equals_full_forward(make_checkpoint, sdpa_min_keys, monkeypatch):
+    monkeypatch.setattr(bloom.model, "SDPA_MIN_KEYS_CPU", sdpa_min_keys)  # both attention paths
     path = make_checkpoint(std=0.15)
     model, ref = bloom.BloomForCausalLM.from_pretrained(path), load_reference(path)
     ids, mask = batch("left")

@@ -20,7 +20,8 @@ def inference():
 
 
 def replica(checkpoints, task, key=None, **kw):
-    return BloomReplica(LabelConfig(task=task, model=str(checkpoints[key or task]), **kw))
+    """float32 unless asked: these tests compare against the model's own outputs at 1e-5."""
+    return BloomReplica(LabelConfig(task=task, model=str(checkpoints[key or task]), **{"dtype": "float32", **kw}))
 
 
 def table(rows):
