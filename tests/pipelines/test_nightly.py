@@ -48,7 +48,8 @@ def assert_consistent(out: Path, corpus: Path, finished: bool = True) -> dict:
     """Ledger == manifests == published partitions; each published partition holds its input's rows
     exactly once; after a run that finished, nothing temporary is left. Returns the ledger's partitions."""
     ledger = read_ledger(out)["partitions"]
-    manifests = {p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.glob("*/" + MANIFEST)}
+    manifests = {p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob(MANIFEST)
+                 if not p.relative_to(out).parts[0].startswith("_")}
     assert ledger == manifests
     for key, entry in ledger.items():
         ids = pq.read_table(out / key, columns=["id"]).column("id").to_pylist()
@@ -209,7 +210,7 @@ def test_a_failing_partition_is_left_unpublished_and_the_others_go_on(ray_cluste
     assert report["status"] == "failed" and list(report["failed"]) == ["date=2026-11-02"]
 
 
-def test_partition_discovery_marker_nesting_and_dry_run(tmp_path, checkpoints):
+def test_partition_discovery_marker_nesting_and_dry_run(ray_cluster, tmp_path, checkpoints):
     corpus = tmp_path / "corpus"
     for key in ("year=2026/month=10", "year=2026/month=11", "year=2025/month=12"):
         write_corpus(corpus / key, partition_rows(1, 4), files=1)
@@ -222,6 +223,14 @@ def test_partition_discovery_marker_nesting_and_dry_run(tmp_path, checkpoints):
     report = run_nightly(cfg, dry_run=True)
     assert report["new"] == ["year=2025/month=12", "year=2026/month=10"]  # month=11 is not ready
     assert not (out / LEDGER).exists() and not list(out.rglob("*.parquet"))
+
+    (corpus / "year=2026" / "month=11" / "_SUCCESS").touch()  # now ready too
+    report = run_nightly(cfg)
+    assert sorted(p["partition"] for p in report["published"]) == ["year=2025/month=12", "year=2026/month=10",
+                                                                    "year=2026/month=11"]
+    assert sorted(assert_consistent(out, corpus)) == ["year=2025/month=12", "year=2026/month=10", "year=2026/month=11"]
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 12 and set(table.column("month").to_pylist()) == {10, 11, 12}
 
 
 def test_bad_configs_are_named_before_any_work(tmp_path, checkpoints):
