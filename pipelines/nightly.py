@@ -314,32 +314,40 @@ def published_schema(config: NightlyConfig, input_schema: pa.Schema) -> pa.Schem
     return pa.schema(fields)
 
 
-def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str], staged: Path) -> dict:
-    """Join the annotators' outputs row by row into one published file per input file, in input order."""
+def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str], reused: Path | None,
+             staged: Path) -> dict:
+    """Join the annotators' outputs row by row into one published file per input file, in input order.
+
+    work: annotator name -> its labeling output; the other annotators' columns are taken from the
+    published partition `reused` (same input, same annotator fingerprint: the same values)."""
     staged.mkdir(parents=True)
     datasets = {name: pads.dataset(path, format="parquet", exclude_invalid_files=True) for name, path in work.items()}
     rows = 0
     errored = {a.name: 0 for a in config.annotators}
     for uri in files:
+        rel = os.path.relpath(uri, directory)
         schema = published_schema(config, pq.read_schema(uri))
-        columns = {}
-        keys = None
+        columns, count = {}, None
         for a in config.annotators:
             names = [f.name for f in output_fields(a.task)]
             base = [config.id_column, *config.keep_columns] if not columns else []
-            table = datasets[a.name].to_table(columns=["_row", *base, *names],
-                                              filter=pads.field("_source") == uri).sort_by("_row")
-            if keys is None:
-                keys = table.column("_row")
-            elif not table.column("_row").equals(keys):
-                raise JobFailed(f"annotator {a.name!r} labeled other rows of {uri} than the others")
-            for c in base:
-                columns[c] = table.column(c)
-            for n in names:
-                columns[f"{a.name}_{n}"] = table.column(n)
-            errored[a.name] += table.num_rows - table.column("error").null_count
+            if a.name in work:
+                table = datasets[a.name].to_table(columns=["_row", *base, *names],
+                                                  filter=pads.field("_source") == uri).sort_by("_row")
+                if table.column("_row").to_pylist() != list(range(table.num_rows)):
+                    raise JobFailed(f"annotator {a.name!r} did not label every row of {uri} exactly once")
+                table = table.rename_columns(["_row", *base, *(f"{a.name}_{n}" for n in names)])
+            else:
+                table = pq.read_table(reused / rel, columns=[*base, *(f"{a.name}_{n}" for n in names)])
+            if count not in (None, table.num_rows):
+                raise JobFailed(f"annotator {a.name!r} has {table.num_rows} rows of {uri}, the others {count}")
+            count = table.num_rows
+            for c in table.column_names:
+                if c != "_row":
+                    columns[c] = table.column(c)
+            errored[a.name] += table.num_rows - table.column(f"{a.name}_error").null_count
         out = pa.table(columns).cast(schema)
-        target = staged / os.path.relpath(uri, directory)
+        target = staged / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(out, target)
         rows += out.num_rows
@@ -347,13 +355,20 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
 
 
 def label_partition(config: NightlyConfig, key: str, directory: str, fingerprints: dict, run_id: str,
-                    root: Path) -> dict:
-    """Label one partition with every annotator (resuming their earlier work) and publish it."""
+                    root: Path, previous: dict | None = None) -> dict:
+    """Label one partition with every annotator (resuming their earlier work) and publish it.
+
+    previous: the partition's ledger entry; annotators whose fingerprint it holds for the same input
+    are not run again, their published columns are kept."""
     files = list_input_files([directory])
     in_fp = input_fingerprint(directory, files, config.input_fingerprint)
     safe = quote(key, safe="=")  # one path component
+    same_input = previous is not None and previous["input_fingerprint"] == in_fp and (root / key).is_dir()
+    reused = [a.name for a in config.annotators if same_input and previous["annotators"].get(a.name) == fingerprints[a.name]]
     work, seconds = {}, {}
     for a in config.annotators:
+        if a.name in reused:
+            continue
         # The work directory is named by what decides its content: a changed input or annotator starts afresh.
         tag = hashlib.sha256(f"{in_fp}\0{fingerprints[a.name]}".encode()).hexdigest()[:16]
         path = root / "_work" / safe / f"{a.name}-{tag}"
@@ -371,12 +386,12 @@ def label_partition(config: NightlyConfig, key: str, directory: str, fingerprint
     staged = root / "_staging" / run_id / safe
     entry = {"partition": key, "input_fingerprint": in_fp, "annotator_fingerprint": combined(fingerprints),
              "annotators": dict(fingerprints), "files": len(files), "run_id": run_id}
-    entry.update(assemble(config, directory, files, work, staged))
+    entry.update(assemble(config, directory, files, work, root / key if reused else None, staged))
     entry["published_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(staged / MANIFEST, entry)
     publish(staged, root / key)
     shutil.rmtree(root / "_work" / safe, ignore_errors=True)
-    entry["seconds"] = seconds
+    entry["seconds"], entry["reused"] = seconds, reused
     return entry
 
 
@@ -420,16 +435,17 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
             for key in sorted(plan["new"] + plan["changed"]):
                 logger.info("labeling partition %s", key)
                 try:
-                    entry = label_partition(config, key, plan["directories"][key], fingerprints, run_id, root)
+                    entry = label_partition(config, key, plan["directories"][key], fingerprints, run_id, root,
+                                            ledger["partitions"].get(key))
                 except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
                     logger.error("partition %s failed: %s", key, e)
                     report["failed"][key] = f"{type(e).__name__}: {e}"
                     continue
-                seconds = entry.pop("seconds")
+                seconds, reused = entry.pop("seconds"), entry.pop("reused")
                 ledger["partitions"][key] = entry
                 write_json_atomic(root / LEDGER, ledger)
-                report["published"].append({"partition": key, "rows": entry["rows"],
-                                            "errored_rows": entry["errored_rows"], "seconds": seconds})
+                report["published"].append({"partition": key, "rows": entry["rows"], "errored_rows": entry["errored_rows"],
+                                            "seconds": seconds, "reused": reused})
                 report["rows_labeled"] += entry["rows"]
             if config.prune:
                 for key in plan["deleted"]:

@@ -119,20 +119,29 @@ def test_runs_label_only_new_and_changed_partitions(ray_cluster, checkpoints, tm
     assert ledger["date=2026-11-02"]["rows"] == 18 and ledger["date=2026-11-01"] == read_ledger(out)["partitions"]["date=2026-11-01"]
     assert published(out).num_rows == 20 + 18 + 16 + 8
 
-    # Changing an annotator's settings relabels every partition; a removed input is reported, kept
+    # Dropping an annotator re-publishes every partition without its columns, keeping the other's
+    # (same input, same fingerprint) without labeling again; a removed input is reported, kept
     # unless pruned.
     import shutil
 
+    before = pq.read_table(out / "date=2026-11-01", columns=["id", "topic_label", "topic_score"])
     shutil.rmtree(corpus / "date=2026-11-03")
-    changed = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "threshold": 0.9,
-                                                     "model": str(checkpoints["classify"])}), prune=True)
-    fourth = run_nightly(changed)
+    topic = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    fourth = run_nightly(NightlyConfig(**settings(corpus, out, topic), prune=True))
     assert sorted(fourth["changed"]) == ["date=2026-11-01", "date=2026-11-02", "date=2026-11-04"]
+    assert all(p["reused"] == ["topic"] and p["seconds"] == {} for p in fourth["published"])
     assert fourth["deleted"] == fourth["pruned"] == ["date=2026-11-03"]
     assert "ents_entities" not in published(out).column_names
+    assert pq.read_table(out / "date=2026-11-01", columns=["id", "topic_label", "topic_score"]).equals(before)
     assert sorted(assert_consistent(out, corpus)) == ["date=2026-11-01", "date=2026-11-02", "date=2026-11-04"]
-    assert json.loads((out / "_report.json").read_text())["run_id"] == fourth["run_id"]
-    assert len(list((out / "_reports").glob("*.json"))) == 4
+
+    # Changing an annotator's settings relabels it everywhere.
+    fifth = run_nightly(NightlyConfig(**settings(corpus, out, dict(topic, threshold=0.9))))
+    assert sorted(fifth["changed"]) == ["date=2026-11-01", "date=2026-11-02", "date=2026-11-04"]
+    assert all(p["reused"] == [] and list(p["seconds"]) == ["topic"] for p in fifth["published"])
+    assert_consistent(out, corpus)
+    assert json.loads((out / "_report.json").read_text())["run_id"] == fifth["run_id"]
+    assert len(list((out / "_reports").glob("*.json"))) == 5
 
 
 def nightly_yaml(tmp_path, corpus, out, annotator, **extra) -> Path:
