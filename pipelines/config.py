@@ -113,24 +113,12 @@ class LabelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "LabelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(unknown)}; valid ones: {', '.join(sorted(names))}")
-        return cls(**values)
+        return cls(**known_settings(cls, values))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "LabelConfig":
         """Settings from a YAML mapping; keyword overrides (e.g. command-line flags) win."""
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read config file {path}: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of settings")
-        return cls.from_dict({**{k.replace("-", "_"): v for k, v in values.items()}, **overrides})
+        return cls(**yaml_settings(cls, path, overrides))
 
     def task_params(self) -> dict:
         """The settings that decide the output's content (everything but paths and resources)."""
@@ -140,6 +128,29 @@ class LabelConfig:
         """sha256 of the model's identity and the task parameters: a resumed or appended run must match it."""
         blob = json.dumps({"model": model_fingerprint, "params": self.task_params()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def known_settings(cls, values: dict) -> dict:
+    """`values` if each names a field of the dataclass `cls`, else a ValueError listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s): {', '.join(unknown)}; valid ones: {', '.join(sorted(names))}")
+    return values
+
+
+def yaml_settings(cls, path: str | Path, overrides: dict) -> dict:
+    """The settings of a YAML mapping for the dataclass `cls` (dashes in keys read as underscores),
+    with `overrides` winning; ValueError for an unreadable file or an unknown setting."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    return known_settings(cls, {**{k.replace("-", "_"): v for k, v in values.items()}, **overrides})
 
 
 def model_fingerprint(directory: str | Path) -> str:

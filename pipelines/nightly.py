@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -42,7 +40,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .config import LabelConfig, model_fingerprint
+from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files
 from .label import JobFailed, resolve_model, run_label_job
 from .replica import output_fields
@@ -118,20 +116,7 @@ class NightlyConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "NightlyConfig":
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read config file {path}: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of settings")
-        values = {**{k.replace("-", "_"): v for k, v in values.items()}, **overrides}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(unknown)}; valid ones: {', '.join(sorted(names))}")
-        return cls(**values)
+        return cls(**yaml_settings(cls, path, overrides))
 
     def label_config(self, annotator: Annotator, inputs: list[str], output: str) -> LabelConfig:
         try:
@@ -205,10 +190,8 @@ def output_lock(root: Path, wait: float, run_id: str):
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
                     f.seek(0)
                     holder = f.read().strip() or "unknown"
                     raise LockHeld(f"another nightly run holds {root / LOCK} ({holder})") from None
@@ -354,14 +337,13 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
     return {"rows": rows, "errored_rows": errored}
 
 
-def label_partition(config: NightlyConfig, key: str, directory: str, fingerprints: dict, run_id: str,
-                    root: Path, previous: dict | None = None) -> dict:
-    """Label one partition with every annotator (resuming their earlier work) and publish it.
+def label_partition(config: NightlyConfig, key: str, directory: str, files: list[str], in_fp: str,
+                    fingerprints: dict, run_id: str, root: Path, previous: dict | None = None) -> dict:
+    """Label one partition (its input `files`, fingerprinted `in_fp`) with every annotator, resuming
+    their earlier work, and publish it.
 
     previous: the partition's ledger entry; annotators whose fingerprint it holds for the same input
     are not run again, their published columns are kept."""
-    files = list_input_files([directory])
-    in_fp = input_fingerprint(directory, files, config.input_fingerprint)
     safe = quote(key, safe="=")  # one path component
     same_input = previous is not None and previous["input_fingerprint"] == in_fp and (root / key).is_dir()
     reused = [a.name for a in config.annotators if same_input and previous["annotators"].get(a.name) == fingerprints[a.name]]
@@ -400,15 +382,17 @@ def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict) -> dict:
     partitions = find_partitions(config)
     want = combined(fingerprints)
     plan = {"new": [], "changed": [], "unchanged": [], "deleted": sorted(set(ledger["partitions"]) - set(partitions)),
-            "directories": partitions}
+            "directories": partitions, "inputs": {}}
     for key, directory in partitions.items():
+        files = list_input_files([directory])
+        plan["inputs"][key] = (files, input_fingerprint(directory, files, config.input_fingerprint))
         entry = ledger["partitions"].get(key)
         if entry is None:
             plan["new"].append(key)
-            continue
-        files = list_input_files([directory])
-        same_input = entry["input_fingerprint"] == input_fingerprint(directory, files, config.input_fingerprint)
-        plan["unchanged" if same_input and entry["annotator_fingerprint"] == want else "changed"].append(key)
+        elif entry["input_fingerprint"] == plan["inputs"][key][1] and entry["annotator_fingerprint"] == want:
+            plan["unchanged"].append(key)
+        else:
+            plan["changed"].append(key)
     return plan
 
 
@@ -435,8 +419,8 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
             for key in sorted(plan["new"] + plan["changed"]):
                 logger.info("labeling partition %s", key)
                 try:
-                    entry = label_partition(config, key, plan["directories"][key], fingerprints, run_id, root,
-                                            ledger["partitions"].get(key))
+                    entry = label_partition(config, key, plan["directories"][key], *plan["inputs"][key],
+                                            fingerprints, run_id, root, ledger["partitions"].get(key))
                 except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
                     logger.error("partition %s failed: %s", key, e)
                     report["failed"][key] = f"{type(e).__name__}: {e}"

@@ -4,7 +4,6 @@ cluster grows back. Every row ends up labeled exactly once."""
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,9 +12,8 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from pipelines.nightly import MANIFEST
 from tests.pipelines.conftest import corpus_rows, replica_actor_pids, write_corpus
-from tests.pipelines.test_nightly import SCRIPT, assert_consistent, make_corpus, nightly_yaml
+from tests.pipelines.test_nightly import SCRIPT, assert_consistent, kill_mid_run, make_corpus, nightly_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE = 80 * 1024**2
@@ -82,22 +80,14 @@ def test_nightly_killed_and_restarted_while_the_cluster_grows_back(multinode, ch
     config = nightly_yaml(tmp_path, corpus, out, {"name": "gen", "task": "generate", "max_new_tokens": 24,
                                                   "rows_per_batch": 5, "model": str(checkpoints["generate"])})
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    run = [sys.executable, SCRIPT, "--config", str(config)]
-    first = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while first.poll() is None and time.time() < deadline:
-        if list(out.glob("*/" + MANIFEST)) and list(out.glob("_work/*/gen-*/part-*.parquet")):
-            break
-        time.sleep(0.1)
-    assert first.poll() is None, "the run ended before it could be killed; make it slower"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_mid_run(config, out, env)
     done = assert_consistent(out, corpus, finished=False)
     assert 1 <= len(done) < 4
 
     workers.append(cluster.add_node(num_cpus=2, object_store_memory=STORE))  # the autoscaler adds a node
     cluster.wait_for_nodes()
-    rerun = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([sys.executable, SCRIPT, "--config", str(config)], env=env, capture_output=True,
+                           text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     ledger = assert_consistent(out, corpus)
     assert sorted(ledger) == [f"date=2026-11-0{d}" for d in range(1, 5)]

@@ -150,16 +150,12 @@ def nightly_yaml(tmp_path, corpus, out, annotator, **extra) -> Path:
     return path
 
 
-def test_killed_run_publishes_complete_partitions_only_and_a_rerun_finishes(ray_cluster, checkpoints, tmp_path):
-    corpus = make_corpus(tmp_path / "corpus", {d: 20 for d in range(1, 5)})
-    out = tmp_path / "out"
-    config = nightly_yaml(tmp_path, corpus, out, {"name": "gen", "task": "generate", "max_new_tokens": 24,
-                                                  "rows_per_batch": 5, "model": str(checkpoints["generate"])})
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
+def kill_mid_run(config: Path, out: Path, env: dict) -> None:
+    """Run the nightly script and SIGKILL it once one partition is published and the next one is
+    partly labeled (annotator "gen")."""
     proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    # Kill it once one partition is published and the next one is partly labeled.
     while time.time() < deadline and proc.poll() is None:
         if list(out.glob("*/" + MANIFEST)) and list(out.glob("_work/*/gen-*/part-*.parquet")):
             break
@@ -167,6 +163,15 @@ def test_killed_run_publishes_complete_partitions_only_and_a_rerun_finishes(ray_
     assert proc.poll() is None, "the run ended before it could be killed; make it slower"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_killed_run_publishes_complete_partitions_only_and_a_rerun_finishes(ray_cluster, checkpoints, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", {d: 20 for d in range(1, 5)})
+    out = tmp_path / "out"
+    config = nightly_yaml(tmp_path, corpus, out, {"name": "gen", "task": "generate", "max_new_tokens": 24,
+                                                  "rows_per_batch": 5, "model": str(checkpoints["generate"])})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
+    kill_mid_run(config, out, env)
     done = assert_consistent(out, corpus, finished=False)
     assert 1 <= len(done) < 4
     assert published(out).num_rows == 20 * len(done)  # readers see whole partitions only
