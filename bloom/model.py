@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import BloomConfig
 from .generation import GenerationMixin, KVCache
-from .loading import load_pretrained, save_pretrained
+from .loading import load_pretrained, pack_for_cpu, save_pretrained
 
 # ----------------------------------------------------------------------------- ALiBi and masks
 
@@ -220,6 +220,7 @@ class BloomPreTrainedModel(nn.Module):
 
     from_pretrained = classmethod(load_pretrained)
     save_pretrained = save_pretrained
+    pack_for_cpu = pack_for_cpu  # inference-only: oneDNN-packed Linear weights (see loading.PackedLinear)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

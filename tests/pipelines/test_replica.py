@@ -57,6 +57,16 @@ def test_generate_equals_model_generate_row_by_row(checkpoints):
         assert res["id"] == row["id"] and res["error"] is None
 
 
+def test_cpu_replica_packs_its_weights_and_labels_as_the_plain_model(checkpoints):
+    rep = replica(checkpoints, "generate", max_new_tokens=6)
+    assert isinstance(rep.model.lm_head, bloom.loading.PackedLinear)
+    plain = bloom.BloomForCausalLM.from_pretrained(checkpoints["generate"])
+    for row, res in zip(corpus_rows(4), rep(table(corpus_rows(4))).to_pylist()):
+        ids = rep.tokenizer(row["text"], return_tensors="pt").input_ids
+        new = plain.generate(ids, max_new_tokens=6)[0, ids.shape[1]:]
+        assert res["generated_text"] == rep.tokenizer.decode(new, skip_special_tokens=True)
+
+
 def test_generate_with_template_and_stop(checkpoints):
     rows = corpus_rows(4)
     free = replica(checkpoints, "generate", max_new_tokens=12, prompt_template="{lang}: {text} =>")(table(rows))
