@@ -9,7 +9,8 @@ a few long), task classify (a forward pass per batch):
   - batching: fixed batches of N rows in input order (each padded to its longest row) against
     token-budget batches with length bucketing: padding waste (padded tokens / real tokens - 1) and rows/s.
 
-    python benchmarks/bench_pipeline.py            # ~3 minutes on 2 cores
+    python benchmarks/bench_pipeline.py            # ~3 minutes on 2 cores; overhead-heavy (hidden 384 x 4)
+    python benchmarks/bench_pipeline.py --hidden 1024 --layers 12 --rows 400   # compute-heavier rows
 """
 
 from __future__ import annotations
