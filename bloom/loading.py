@@ -4,7 +4,8 @@
 (names, shapes, files), builds the model on the meta device and fills it tensor by tensor straight
 onto each tensor's device, so a replica never holds two copies of its weights. Device maps
 ("auto", "balanced", "sequential" or a dict, with max_memory) are computed and applied by accelerate,
-with a BloomBlock as the unit that is never split.
+with a BloomBlock as the unit that is never split. For CPU inference, `pack_for_cpu` swaps the Linear
+weights for oneDNN-packed ones (PackedLinear, at the end of this file).
 """
 
 from __future__ import annotations
