@@ -78,7 +78,7 @@ def matmul_peak(dtype: torch.dtype, hidden: int, device: torch.device, repeats: 
 def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 11) -> float:
     """Bytes/s of reading a large buffer once (a sum over 1 GiB): the bound on decoding, which reads
     every weight once per step. The median of the repeats: on a shared VM the best one is an outlier
-    now and then (52.9 GB/s once, against 31-33 in every other run of the same day)."""
+    now and then (52.9 GB/s once, against 31-34 in every other run of the same day)."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
     x.sum()
     times = []

@@ -127,7 +127,7 @@ class BloomReplica:
             model_dir, dtype=config.dtype, device=None if config.device_map else self.device, device_map=config.device_map)
         self.input_device = self.model.get_input_embeddings().weight.device
         if {str(d) for d in self.model.hf_device_map.values()} == {"cpu"}:
-            # CPU inference: oneDNN-packed weights, ×2-4 faster at decoding's few rows (bloom.loading.PackedLinear).
+            # CPU inference: oneDNN-packed weights; decode steps 1.3-2.5x faster here (bloom.loading.PackedLinear).
             self.model.pack_for_cpu()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.length_spread = 1.15  # see token_budget_batches; inf batches by the budget alone
