@@ -68,7 +68,7 @@ def matmul_peak(dtype: torch.dtype, hidden: int, device: torch.device, repeats: 
         linear = torch.nn.Linear(n_in, n_out, bias=False, dtype=dtype, device=device)
         fns = {"plain": lambda linear=linear: linear(x)}
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            fns["packed"] = lambda packed=bloom.loading.PackedLinear(linear): packed(x)
+            fns["packed"] = lambda packed=bloom.packing.PackedLinear(linear): packed(x)
         with torch.inference_mode():
             t = min(timed(fns, repeats, device).values())
         best = max(best, 2 * 1024 * n_in * n_out / t)

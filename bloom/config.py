@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -163,11 +164,15 @@ class BloomConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` (readable by transformers' `BloomConfig.from_pretrained`)."""
         os.makedirs(directory, exist_ok=True)
-        _write_atomic(Path(directory) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_atomic(Path(directory) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file (unique, synced to disk) and rename, so a reader never sees half a
+    file, and concurrent writers never share a temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -4,8 +4,7 @@
 (names, shapes, files), builds the model on the meta device and fills it tensor by tensor straight
 onto each tensor's device, so a replica never holds two copies of its weights. Device maps
 ("auto", "balanced", "sequential" or a dict, with max_memory) are computed and applied by accelerate,
-with a BloomBlock as the unit that is never split. For CPU inference, `pack_for_cpu` swaps the Linear
-weights for oneDNN-packed ones (PackedLinear, at the end of this file).
+with a BloomBlock as the unit that is never split.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BloomConfig, _write_atomic
+from .config import BloomConfig, write_atomic
+from .packing import PackedLinear
 
 logger = logging.getLogger("bloom")
 
@@ -124,6 +124,28 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
 
 
+def missing_heads(cls, directory: str | os.PathLike) -> list[str]:
+    """The heads of model class `cls` (its `_head_names`, e.g. ["score"]) that the checkpoint in `directory`
+    has no weights for, read from the file headers alone. BLOOM's LM head is tied to the embedding, so a
+    causal LM needs none of its own."""
+    directory = Path(directory)
+    present = {name.removeprefix(PREFIX).split(".")[0] for name in checkpoint_tensors(directory)}
+    tied = BloomConfig.from_pretrained(directory).tie_word_embeddings
+    return [h for h in cls._head_names if h not in present and not (h == "lm_head" and tied)]
+
+
+def _head_names() -> set[str]:
+    """Every task head's module name, from the model classes (each declares its own in `_head_names`)."""
+    from .model import BloomPreTrainedModel
+
+    heads, todo = set(), [BloomPreTrainedModel]
+    while todo:
+        cls = todo.pop()
+        heads.update(cls._head_names)
+        todo += cls.__subclasses__()
+    return heads
+
+
 def _model_key(name: str, model: nn.Module) -> str:
     """Checkpoint tensor name → parameter name in `model`, with or without the `transformer.` prefix."""
     nested = hasattr(model, "transformer")
@@ -212,8 +234,7 @@ def load_pretrained(cls, directory, *, dtype=None, device_map=None, max_memory=N
         else:
             found[key] = name
     # A bare BloomModel may be loaded from a task checkpoint: its head weights are simply not used.
-    unused_heads = [n for n in unexpected if n.split(".")[0] in ("lm_head", "score", "classifier", "qa_outputs")
-                    and not hasattr(model, n.split(".")[0])]
+    unused_heads = [n for n in unexpected if n.split(".")[0] in _head_names() and not hasattr(model, n.split(".")[0])]
     unexpected = [n for n in unexpected if n not in unused_heads]
     missing = [k for k in expected if k not in found]
     missing_heads = [k for k in missing if k.split(".")[0] in cls._head_names]
@@ -328,74 +349,8 @@ def save_pretrained(model, directory, max_shard_size: int | str = "5GB") -> None
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
-        _write_atomic(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        write_atomic(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     config = model.config
     config.architectures = [type(model).__name__]
     config.torch_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-
-
-# ----------------------------------------------------------------------------- CPU inference: prepacked weights
-
-
-class PackedLinear(nn.Module):
-    """An inference-only `nn.Linear` for CPU whose weight is held in oneDNN's blocked layout.
-
-    PyTorch's CPU `F.linear` is slow at the few-row shapes of decoding: on a 2-vCPU EPYC it reads a
-    (250880, 1024) weight at 15-17 GB/s at one row and 6 GB/s (fp32) at eight, against 31-36 GB/s of
-    memory bandwidth. Reordered once into oneDNN's layout the same product reads 26-32 GB/s, and
-    prefill-sized products are no slower (fp32 faster). bf16 results are bit-identical to F.linear's;
-    fp32 differ in rounding only (a different summation order). The plain weight is dropped, so the
-    module cannot be trained, moved, converted or saved: load the checkpoint again for that."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()),
-                             persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("PackedLinear is inference-only: the model was packed with pack_for_cpu()")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-    def _apply(self, fn, recurse=True):
-        raise RuntimeError("this model's weights were packed for CPU inference (pack_for_cpu()); "
-                           "load the checkpoint again to move or convert it")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-@functools.cache
-def _packing_works(dtype: torch.dtype) -> bool:
-    """Whether this torch build has oneDNN's packed linear for `dtype`, and it agrees with F.linear."""
-    try:
-        linear, x = nn.Linear(32, 48, dtype=dtype), torch.randn(3, 5, 32, dtype=dtype)
-        with torch.no_grad():
-            got, want = PackedLinear(linear)(x), linear(x)
-        return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
-def pack_for_cpu(model: nn.Module) -> int:
-    """Replace the model's CPU `nn.Linear`s (float32/bfloat16) by `PackedLinear`s, in place, for inference.
-
-    Returns how many were packed: 0 where the build lacks oneDNN, the model is on another device, or its
-    dtype is float16. A tied LM head gets a packed copy (the embedding keeps its plain weight: one more
-    vocab x hidden matrix in memory). `pretraining_tp` row-parallel layers stay plain (they slice the
-    weight). After packing the model can no longer be trained, moved, converted or saved."""
-    packed = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
-                continue
-            if child.weight.dtype not in (torch.float32, torch.bfloat16) or not _packing_works(child.weight.dtype):
-                continue
-            if getattr(parent, "tp", 1) > 1 and name in ("dense", "dense_4h_to_h"):
-                continue
-            setattr(parent, name, PackedLinear(child))
-            packed += 1
-    return packed

@@ -16,7 +16,8 @@ from torch import nn
 
 from .config import BloomConfig
 from .generation import GenerationMixin, KVCache
-from .loading import load_pretrained, pack_for_cpu, save_pretrained
+from .loading import load_pretrained, save_pretrained
+from .packing import pack_for_cpu
 
 # ----------------------------------------------------------------------------- ALiBi and masks
 
@@ -218,9 +219,19 @@ class BloomPreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
 
-    from_pretrained = classmethod(load_pretrained)
-    save_pretrained = save_pretrained
-    pack_for_cpu = pack_for_cpu  # inference-only: oneDNN-packed Linear weights (see loading.PackedLinear)
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "BloomPreTrainedModel":
+        """Load a checkpoint directory in the Hugging Face layout (see `bloom.loading.load_pretrained` for
+        dtype, device, device_map, max_memory, offload_folder and config overrides)."""
+        return load_pretrained(cls, directory, **kwargs)
+
+    def save_pretrained(self, directory, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and safetensors weights in the Hugging Face layout (`bloom.loading.save_pretrained`)."""
+        save_pretrained(self, directory, max_shard_size)
+
+    def pack_for_cpu(self) -> int:
+        """Inference-only oneDNN-packed Linear weights on CPU; returns how many (`bloom.packing.pack_for_cpu`)."""
+        return pack_for_cpu(self)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -452,10 +463,12 @@ class BloomForSequenceClassification(_BloomWithHead):
     ) -> SequenceClassifierOutputWithPast | tuple:
         """labels: (B,) class ids, (B, num_labels) multi-hot floats, or (B,) / (B, n) regression targets,
         the loss chosen by config.problem_type (inferred as the reference does when unset)."""
+        # Labeling never continues from a classifier's cache: none is kept unless asked for (the reference
+        # keeps one by default, wasting memory on every forward).
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
             past_key_values=past_key_values, cache=cache,
-            head_mask=head_mask, use_cache=use_cache,
+            head_mask=head_mask, use_cache=False if use_cache is None else use_cache,
         )
         logits = self.score(body.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]

@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("generate", "classify", "ner", "qa")
-AGGREGATIONS = ("none", "simple", "first", "average", "max")
+from .tasks import TASKS
 
 
 @dataclass
@@ -80,29 +79,15 @@ class LabelConfig:
         """Raise ValueError naming the field at fault."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.aggregation_strategy not in AGGREGATIONS:
-            raise ValueError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation_strategy!r}")
+        TASKS[self.task].check_settings(self)  # the task's parameters, within the bounds a request has
         if self.too_long not in ("error", "truncate"):
             raise ValueError(f"too_long must be 'error' or 'truncate', got {self.too_long!r}")
-        for name in ("max_new_tokens", "max_input_tokens", "batch_token_budget", "rows_per_batch", "min_actors",
-                     "max_text_chars", "max_answer_len"):
-            if getattr(self, name) < (0 if name == "max_new_tokens" else 1):
+        for name in ("max_input_tokens", "batch_token_budget", "rows_per_batch", "min_actors", "max_text_chars"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
         if self.num_actors is not None and self.num_actors < self.min_actors:
             raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
-        if self.task in ("ner", "qa") and not 0 <= self.stride < self.max_input_tokens // 2:
+        if "stride" in TASKS[self.task].settings and not 0 <= self.stride < self.max_input_tokens // 2:
             raise ValueError(f"stride must be in [0, max_input_tokens / 2), got {self.stride}")
         if self.max_errored_fraction is not None and not 0 <= self.max_errored_fraction <= 1:
             raise ValueError(f"max_errored_fraction must be in [0, 1], got {self.max_errored_fraction}")
@@ -121,8 +106,9 @@ class LabelConfig:
         return cls(**yaml_settings(cls, path, overrides))
 
     def task_params(self) -> dict:
-        """The settings that decide the output's content (everything but paths and resources)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESOURCE_FIELDS and k != "model"}
+        """The settings that decide the output's content: the task's own parameters and the columns and
+        limits it reads with (never another task's parameters, paths or resources)."""
+        return TASKS[self.task].content_settings(self)
 
     def fingerprint(self, model_fingerprint: str) -> str:
         """sha256 of the model's identity and the task parameters: a resumed or appended run must match it."""

@@ -12,17 +12,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import bloom
 from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint
 
+from .config import LabelConfig
+from .tasks import TASKS
+
 DEMO_ROOT = Path(__file__).resolve().parent.parent / "demo"
-DEMO_HEADS = {
-    "generate": (bloom.BloomForCausalLM, {}),
-    "classify": (bloom.BloomForSequenceClassification, {"id2label": {0: "negative", 1: "neutral", 2: "positive"}}),
-    "ner": (bloom.BloomForTokenClassification,
-            {"id2label": {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "B-ORG", 6: "I-ORG"}}),
-    "qa": (bloom.BloomForQuestionAnswering, {}),
+# The labels the demo's classifier and NER checkpoints carry; the model class comes from the task.
+DEMO_LABELS = {
+    "classify": {0: "negative", 1: "neutral", 2: "positive"},
+    "ner": {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "B-ORG", 6: "I-ORG"},
 }
+DEMO_HEADS = {name: (task.model_class(LabelConfig(task=name)), {"id2label": DEMO_LABELS[name]} if name in DEMO_LABELS else {})
+              for name, task in TASKS.items()}
 QUESTIONS = ["Who wrote the article?", "Which cities are named?", "What does the model do?", "When was it published?"]
 
 

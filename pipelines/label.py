@@ -21,7 +21,8 @@ import bloom
 
 from .config import LabelConfig, model_fingerprint
 from .corpus import filesystem, list_input_files, list_parts, plan, read_row_groups, scan_output, write_part
-from .replica import BloomReplica, template_fields
+from .replica import BloomReplica, check_model
+from .tasks import TASKS
 
 logger = logging.getLogger("bloomline")
 RUN_FILE, REPORT_FILE = "_run.json", "_report.json"
@@ -51,11 +52,7 @@ def resolve_model(name: str) -> str:
 
 def text_columns(config: LabelConfig) -> list[str]:
     """The columns the task reads text from."""
-    if config.task == "qa":
-        return [config.question_column, config.context_column]
-    if config.prompt_template and config.task in ("generate", "classify"):
-        return template_fields(config.prompt_template)
-    return [config.text_column]
+    return TASKS[config.task].input_columns(config)
 
 
 def required_columns(config: LabelConfig) -> list[str]:
@@ -130,7 +127,7 @@ def _prepare_output(config: LabelConfig, fingerprint: str) -> None:
         elif previous is None:
             raise ValueError(f"output {config.output} holds Parquet parts but no {RUN_FILE}: not written by this "
                              "job; choose another output or set overwrite")
-        elif previous.get("fingerprint") != fingerprint:
+        elif previous.get("fingerprint") != fingerprint and parts:  # no part written yet: nothing to protect
             raise ValueError(f"output {config.output} was written with another model, task or parameters "
                              f"(task {previous.get('task')!r}, model {previous.get('model')!r}); set overwrite to "
                              "replace it or choose another output")
@@ -165,6 +162,7 @@ def run_label_job(config: LabelConfig) -> dict:
         raise FileNotFoundError(f"no tokenizer.json in {config.model}")
     if not config.output:
         raise ValueError("no output given")
+    check_model(config, config.model)  # the task's head is there: one line now, not a failing actor later
     files = list_input_files(config.input)
     tasks = plan(files, required_columns(config))
     rows_in = sum(t["num_rows"] for t in tasks)

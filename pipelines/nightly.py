@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from bloom.config import write_atomic
+
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files
 from .label import JobFailed, resolve_model, run_label_job
@@ -210,12 +212,7 @@ def output_lock(root: Path, wait: float, run_id: str):
 
 
 def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_ledger(root: Path) -> dict:

@@ -26,68 +26,17 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from .config import LabelConfig
-from .replica import BloomReplica
+from .replica import BloomReplica, RowError
+from .tasks import TASKS
 
 logger = logging.getLogger("bloomline.serve")
 app = FastAPI(title="Bloomline", docs_url=None, redoc_url=None)
 
 
-# ----------------------------------------------------------------------------- request and response models
+# ----------------------------------------------------------------------------- request models
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerateParams(_Strict):
-    max_new_tokens: int | None = Field(None, ge=0)
-    do_sample: bool | None = None
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
-    stop: list[str] | None = None
-
-
-class ClassifyParams(_Strict):
-    candidate_labels: list[str] | None = None
-    threshold: float | None = Field(None, ge=0, le=1)
-
-
-class NerParams(_Strict):
-    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] | None = None
-    ignore_labels: list[str] | None = None
-
-
-class QaParams(_Strict):
-    max_answer_len: int | None = Field(None, ge=1)
-
-
-class QaItem(_Strict):
-    question: str
-    context: str
-
-
-class TextRequest(_Strict):
-    inputs: Union[str, list[str]]
-
-
-class GenerateRequest(TextRequest):
-    parameters: GenerateParams = GenerateParams()
-
-
-class ClassifyRequest(TextRequest):
-    parameters: ClassifyParams = ClassifyParams()
-
-
-class NerRequest(TextRequest):
-    parameters: NerParams = NerParams()
-
-
-class QaRequest(_Strict):
-    inputs: Union[QaItem, list[QaItem]]
-    parameters: QaParams = QaParams()
+# /v1/<task>: {"inputs": one item or a list, "parameters": the task's Params}, from the task objects.
+REQUESTS = {name: task.request_model() for name, task in TASKS.items()}
 
 
 class CompletionRequest(BaseModel):
@@ -199,18 +148,22 @@ class BloomEndpoint:
                 out[i] = r
         return out
 
-    async def _label(self, route: str, task: str, rows: list[dict], params: dict, single: bool):
+    async def _label(self, route: str, task: str, rows: list[dict], params: dict, single: bool,
+                     field: str = "inputs", listed: bool | None = None):
+        """Label a request's rows through the batcher; 422 naming the first item that cannot be labeled.
+        single: answer one object (else {"results": [...]}); field / listed: how the request named its items."""
+        listed = not single if listed is None else listed
         start = time.perf_counter()
         params = self._validate(task, params)
         if not rows:
-            raise ApiError(422, "inputs is empty")
+            raise ApiError(422, f"{field} is empty")
         # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
         # forms a batch of its own rather than being refused by Serve.
         size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
         results = await asyncio.gather(*[self._run_batch((task, row, params or None, size)) for row in rows])
-        for r in results:
-            if r.get("error", "").startswith("input has") if r.get("error") else False:
-                raise ApiError(422, r["error"])
+        for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 422)
+            if r.get("error"):
+                raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {r['error']}")
         keys = [f.name for f in self.replicas[task].fields]
         body = [{k: r.get(k) for k in keys} for r in results]
         for direction, key in (("in", "input_tokens"), ("out", "completion_tokens")):
@@ -233,11 +186,6 @@ class BloomEndpoint:
         except ValueError as e:
             raise ApiError(422, str(e)) from None
         return params
-
-    def _text_rows(self, task: str, inputs) -> tuple[list[dict], bool]:
-        column = self.replicas[task].config.text_column if task in self.replicas else "text"
-        single = isinstance(inputs, str)
-        return [{column: t} for t in ([inputs] if single else inputs)], single
 
     # -- routes --
 
@@ -276,32 +224,6 @@ class BloomEndpoint:
                 raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
             raise ApiError(422, f"invalid JSON: {e}") from None
 
-    async def _text_task(self, request: Request, task: str, model: type[BaseModel]):
-        req = await self._body(request, model)
-        rows, single = self._text_rows(task, req.inputs)
-        return await self._label(task, task, rows, req.parameters.model_dump(), single)
-
-    @app.post("/v1/generate")
-    async def generate(self, request: Request):
-        return await self._text_task(request, "generate", GenerateRequest)
-
-    @app.post("/v1/classify")
-    async def classify(self, request: Request):
-        return await self._text_task(request, "classify", ClassifyRequest)
-
-    @app.post("/v1/ner")
-    async def ner(self, request: Request):
-        return await self._text_task(request, "ner", NerRequest)
-
-    @app.post("/v1/qa")
-    async def qa(self, request: Request):
-        req = await self._body(request, QaRequest)
-        single = isinstance(req.inputs, QaItem)
-        cfg = self.replicas["qa"].config if "qa" in self.replicas else LabelConfig(task="qa")
-        rows = [{cfg.question_column: q.question, cfg.context_column: q.context}
-                for q in ([req.inputs] if single else req.inputs)]
-        return await self._label("qa", "qa", rows, req.parameters.model_dump(), single)
-
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._check(request)
@@ -319,17 +241,27 @@ class BloomEndpoint:
         if req.temperature > 0:
             params["temperature"] = req.temperature
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        model_name = req.model or "generate"
+        if "generate" not in self.replicas:
+            raise ApiError(404, "this endpoint does not serve task 'generate'")
+        if req.model is not None and req.model != "generate":
+            raise ApiError(404, f"model {req.model!r} is not served here (completions serve: generate)")
+        if req.max_tokens > self.max_new_tokens_cap:
+            raise ApiError(422, f"max_tokens {req.max_tokens} is over the limit of {self.max_new_tokens_cap}")
+        model_name = "generate"
+        replica = self.replicas["generate"]
+        rows = [replica.task.item_row(p, replica.config) for p in prompts]
         if req.stream:
             params = self._validate("generate", params)
-            replica = self.replicas["generate"]
-            for prompt in prompts:  # refuse over-long prompts before the 200 of a stream is sent
-                n = len(replica.tokenizer.encode(prompt))
-                if n > replica.config.max_input_tokens and replica.config.too_long == "error":
-                    raise ApiError(422, f"input has {n} tokens, over the limit of {replica.config.max_input_tokens}")
+            c = replica.with_params(params)
+            for i, row in enumerate(rows):  # refuse a bad prompt before the 200 of a stream is sent
+                try:
+                    replica.prompt_ids(row, c)
+                except RowError as e:
+                    raise ApiError(422, f"prompt{'' if isinstance(req.prompt, str) else f'[{i}]'}: {e}") from None
             return StreamingResponse(self._stream(cid, created, model_name, prompts, params),
                                      media_type="text/event-stream")
-        body = await self._label("completions", "generate", [{"text": p} for p in prompts], params, single=False)
+        body = await self._label("completions", "generate", rows, params, single=False, field="prompt",
+                                 listed=isinstance(req.prompt, list))
         choices = [{"index": i, "text": r["generated_text"], "finish_reason": _openai_reason(r["finish_reason"]),
                     "logprobs": None} for i, r in enumerate(body["results"])]
         usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in body["results"]),
@@ -346,7 +278,8 @@ class BloomEndpoint:
         for i, prompt in enumerate(prompts):
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                      "choices": [{"index": i, "text": "", "finish_reason": None, "logprobs": None}]}
-            async for text, result in iterate_in_threadpool(replica.stream_generate({"text": prompt}, params)):
+            row = replica.task.item_row(prompt, replica.config)
+            async for text, result in iterate_in_threadpool(replica.stream_generate(row, params)):
                 if text:
                     chunk["choices"][0]["text"] = text
                     yield f"data: {json.dumps(chunk)}\n\n"
@@ -354,6 +287,20 @@ class BloomEndpoint:
                     chunk["choices"][0].update(text="", finish_reason=_openai_reason(result["finish_reason"]))
                     yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
+
+    # Declared last: /v1/completions, /v1/models and /v1/stats match first.
+    @app.post("/v1/{task}")
+    async def label(self, task: str, request: Request):
+        """/v1/generate, /v1/classify, /v1/ner, /v1/qa: {"inputs": item or [items], "parameters": {...}}."""
+        if task not in TASKS:
+            raise ApiError(404, f"no route /v1/{task}")
+        req = await self._body(request, REQUESTS[task])
+        if task not in self.replicas:
+            raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
+        replica = self.replicas[task]
+        single = not isinstance(req.inputs, list)
+        rows = [replica.task.item_row(item, replica.config) for item in ([req.inputs] if single else req.inputs)]
+        return await self._label(task, task, rows, req.parameters.model_dump(), single)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

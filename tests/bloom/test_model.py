@@ -284,3 +284,23 @@ def test_bf16_close_to_fp32(make_checkpoint):
         b = bf16(ids, attention_mask=mask).logits[mask.bool()].float()
     rel = (a - b).abs().max() / a.abs().max()
     assert rel < 0.05, f"bf16 max deviation {rel:.3%} of the logit scale"
+
+
+@pytest.mark.parametrize("cls_name", ["BloomForSequenceClassification", "BloomForTokenClassification",
+                                      "BloomForQuestionAnswering"])
+def test_labeling_heads_allocate_no_cache_by_default(make_checkpoint, monkeypatch, cls_name):
+    made = []
+
+    class Counting(bloom.KVCache):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(bloom.model, "KVCache", Counting)
+    model = getattr(bloom, cls_name).from_pretrained(make_checkpoint(cls_name))
+    ids, mask = left_padded([[5, 9, 200, 31], [8, 60]])
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+    assert not made and getattr(out, "past_key_values", None) is None
+    if cls_name == "BloomForSequenceClassification":  # still there when asked for
+        assert model(ids, attention_mask=mask, use_cache=True).past_key_values is not None and made

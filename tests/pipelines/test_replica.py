@@ -1,6 +1,8 @@
 """BloomReplica: each task's output for a batch equals the model called directly on each row alone."""
 
 import math
+import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pytest
@@ -59,7 +61,7 @@ def test_generate_equals_model_generate_row_by_row(checkpoints):
 
 def test_cpu_replica_packs_its_weights_and_labels_as_the_plain_model(checkpoints):
     rep = replica(checkpoints, "generate", max_new_tokens=6)
-    assert isinstance(rep.model.lm_head, bloom.loading.PackedLinear)
+    assert isinstance(rep.model.lm_head, bloom.packing.PackedLinear)
     plain = bloom.BloomForCausalLM.from_pretrained(checkpoints["generate"])
     for row, res in zip(corpus_rows(4), rep(table(corpus_rows(4))).to_pylist()):
         ids = rep.tokenizer(row["text"], return_tensors="pt").input_ids
@@ -235,3 +237,48 @@ def test_long_qa_context_counts_every_input_token_once(checkpoints):
     res = rep.label_rows([{"question": question, "context": context}])[0]
     assert res.get("error") is None and res["input_tokens"] == len(rep.tokenizer.encode(question, context)) > 5 * 64
     assert context[res["start"]:res["end"]] == res["answer"]
+
+
+def test_concurrent_requests_each_get_what_they_get_alone(checkpoints):
+    """The endpoint labels batches and runs streams on several threads over one replica. Each request's
+    parameters must travel with it: whatever runs beside it, it gets exactly its answer alone."""
+    gen = replica(checkpoints, "generate", max_new_tokens=3)
+    cls = replica(checkpoints, "classify", key="multilabel")
+    rows = corpus_rows(6)
+    requests = [
+        ("label", gen, rows[0], None),
+        ("label", gen, rows[1], {"max_new_tokens": 16, "repetition_penalty": 1.5}),
+        ("label", gen, rows[2], {"max_new_tokens": 12, "stop": ["e"]}),
+        ("label", gen, rows[3], {"max_new_tokens": 9, "do_sample": True, "seed": 5, "top_k": 20}),
+        ("stream", gen, rows[4], None),
+        ("stream", gen, rows[5], {"max_new_tokens": 10, "stop": ["a"]}),
+        ("stream", gen, rows[0], {"max_new_tokens": 14, "do_sample": True, "temperature": 0.7}),
+        ("label", cls, rows[0], {"threshold": 0.05}),
+        ("label", cls, rows[1], None),
+        ("label", cls, rows[2], {"threshold": 0.95}),
+    ]
+
+    def run(kind, rep, row, params):
+        if kind == "stream":
+            return list(rep.stream_generate(row, params))[-1][1]
+        return rep.label_rows([row], [params])[0]
+
+    alone = [run(*r) for r in requests]
+    assert len({a.get("completion_tokens") for a in alone}) > 3  # the parameters make a difference
+    assert len({tuple(a.get("labels") or ()) for a in alone[-3:]}) == 3
+    rng = random.Random(0)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        for _ in range(6):
+            order = [rng.randrange(len(requests)) for _ in range(3 * len(requests))]
+            answers = [pool.submit(run, *requests[i]) for i in order]
+            for i, answer in zip(order, answers):
+                got, want = answer.result(), alone[i]
+                assert got.keys() == want.keys()
+                for key in want:
+                    if key == "scores":
+                        assert [s["label"] for s in got[key]] == [s["label"] for s in want[key]]
+                        assert [s["score"] for s in got[key]] == pytest.approx([s["score"] for s in want[key]], abs=1e-6)
+                    elif isinstance(want[key], float):
+                        assert got[key] == pytest.approx(want[key], abs=1e-6), (requests[i][3], key)
+                    else:
+                        assert got[key] == want[key], (requests[i][3], key)

@@ -1,0 +1,338 @@
+"""The tasks, each in one place: generate, classify, ner, qa.
+
+A task says what it reads (input columns), which model it needs (class and head), what it writes (output
+fields with fixed Arrow types), which parameters a request or row may set (a pydantic model: the endpoint
+validates requests with it, `LabelConfig` validates its settings with it), which settings decide its
+output (the run's fingerprint), and how it labels prepared inputs.
+
+Everything else is shared: the replica (`pipelines.replica.BloomReplica`) loads the model, checks and
+tokenizes text, and batches rows within the token budget; the job and the endpoint only read these
+objects. Settings always travel as an argument (`c`, the effective `LabelConfig` of a row or request):
+nothing here, or on the replica, is changed per request.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+import zlib
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union
+
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+import bloom
+
+from .spans import AGGREGATION_STRATEGIES, best_span, merge_windows, ner_entities
+
+if TYPE_CHECKING:
+    from .config import LabelConfig
+    from .replica import BloomReplica
+
+ENTITY = pa.struct([("entity_group", pa.string()), ("score", pa.float32()), ("word", pa.string()),
+                    ("start", pa.int32()), ("end", pa.int32())])
+LABEL_SCORE = pa.struct([("label", pa.string()), ("score", pa.float32())])
+# Every task writes these after its own fields.
+COMMON_FIELDS = [("input_tokens", pa.int32()), ("truncated", pa.bool_()), ("error", pa.string())]
+# Settings that decide any task's output (with the task's own `Params` and `settings`).
+COMMON_SETTINGS = ("id_column", "keep_columns", "max_input_tokens", "too_long", "max_text_chars")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a prompt template reads, e.g. 'Summarize: {text}' -> ['text']."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+class Task:
+    """One task's knowledge; subclasses fill the class attributes and `label`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]  # what a request (or a row's overrides) may set; None = the default
+    Item: ClassVar[object] = str  # one input of an endpoint request
+    fields: ClassVar[list[tuple[str, pa.DataType]]]
+    settings: ClassVar[tuple[str, ...]] = ("text_column",)  # other LabelConfig fields that decide the output
+
+    # -- what it reads and needs --
+
+    def input_columns(self, c: LabelConfig) -> list[str]:
+        """The columns the task reads text from."""
+        return [c.text_column]
+
+    def row_input(self, row: dict, c: LabelConfig, text) -> object:
+        """A row's input for `label`; `text(row, column)` returns a checked string or raises RowError."""
+        return text(row, c.text_column)
+
+    def item_row(self, item, c: LabelConfig) -> dict:
+        """An endpoint request's input item as a row of the input columns."""
+        return {c.text_column: item}
+
+    def model_class(self, c: LabelConfig) -> type:
+        raise NotImplementedError
+
+    # -- what it writes and depends on --
+
+    def output_fields(self) -> list[pa.Field]:
+        """The columns the task writes after the pass-through columns, with fixed Arrow types."""
+        return [pa.field(n, t) for n, t in self.fields + COMMON_FIELDS]
+
+    def content_settings(self, c: LabelConfig) -> dict:
+        """The settings that decide this task's output (for the run's fingerprint): other tasks'
+        parameters and the resource knobs never count."""
+        names = (*COMMON_SETTINGS, *self.settings, *self.Params.model_fields)
+        return {n: getattr(c, n) for n in dict.fromkeys(names)}
+
+    def check_settings(self, c: LabelConfig) -> None:
+        """ValueError naming the parameter when a setting is out of its bounds (the bounds of `Params`)."""
+        try:
+            self.Params.model_validate({n: getattr(c, n) for n in self.Params.model_fields})
+        except ValidationError as e:
+            err = e.errors()[0]
+            name, msg = ".".join(map(str, err["loc"])), err["msg"]
+            said = f"must be {msg[len('Input should be '):]}" if msg.startswith("Input should be ") else f": {msg}"
+            raise ValueError(f"{name} {said} (got {err.get('input')!r})".replace(" :", ":")) from None
+
+    def request_model(self) -> type[BaseModel]:
+        """The endpoint's request body: {"inputs": item or [items], "parameters": Params}."""
+        return create_model(f"{self.name.title()}Request", __base__=_Strict,
+                            inputs=(Union[self.Item, list[self.Item]], ...), parameters=(self.Params, self.Params()))
+
+    def label(self, replica: BloomReplica, inputs: dict[int, object], results: list[dict], c: LabelConfig) -> None:
+        """Fill results[i] with the task's fields for every row i of `inputs` (or set its error)."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+class GenerateParams(_Strict):
+    max_new_tokens: int | None = Field(None, ge=0)
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None
+
+
+class Generate(Task):
+    name = "generate"
+    Params = GenerateParams
+    fields = [("generated_text", pa.string()), ("finish_reason", pa.string()),
+              ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]
+    settings = ("text_column", "prompt_template")
+
+    def model_class(self, c):
+        return bloom.BloomForCausalLM
+
+    def input_columns(self, c):
+        return template_fields(c.prompt_template) if c.prompt_template else [c.text_column]
+
+    def row_input(self, row, c, text):
+        if c.prompt_template:
+            return c.prompt_template.format(**{name: text(row, name) for name in template_fields(c.prompt_template)})
+        return text(row, c.text_column)
+
+    @staticmethod
+    def seed(c: LabelConfig, prompt: str) -> int:
+        # A row's seed depends on its prompt only, so sampling does not depend on how rows are batched.
+        return zlib.crc32(f"{c.seed}\x00{prompt}".encode())
+
+    def sampling(self, c: LabelConfig) -> dict:
+        """`generate` / `stream` keyword arguments for the settings in `c`."""
+        return dict(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature, top_k=c.top_k,
+                    top_p=c.top_p, repetition_penalty=c.repetition_penalty, stop_strings=c.stop or None)
+
+    def label(self, replica, prompts, results, c):
+        encoded = replica.encode_capped(prompts, results, c)
+        for idx, ids, mask in replica.batches(encoded, c, extra=c.max_new_tokens):
+            out = replica.model.generate(ids, attention_mask=mask, seed=[self.seed(c, prompts[i]) for i in idx],
+                                         tokenizer=replica.tokenizer, return_dict_in_generate=True, **self.sampling(c))
+            T = ids.shape[1]
+            for j, i in enumerate(idx):
+                n = out.num_new_tokens[j]
+                results[i].update(self.result(replica, c, out.sequences[j, T : T + n].tolist(), out.finish_reason[j],
+                                              len(encoded[i])))
+
+    def result(self, replica, c, tokens: list[int], reason: str, prompt_tokens: int) -> dict:
+        text = replica.tokenizer.decode(tokens, skip_special_tokens=True)
+        if reason == "stop":  # like OpenAI's API: the text ends before the stop string
+            text = text[: min(text.find(s) for s in c.stop if s in text)]
+        return {"generated_text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens)}
+
+    def stream(self, replica, prompt: str, ids: list[int], c):
+        """Generate for one prompt, yielding (new text, None) as tokens come, then ("", the result).
+
+        Text that could still turn out to begin a stop string, or an incomplete UTF-8 character, is
+        held back until it is certain."""
+        hold = max((len(s) for s in c.stop), default=1) - 1
+        tokens, sent, reason = [], 0, None
+        for step in replica.model.stream(torch.tensor([ids], device=replica.input_device), seed=[self.seed(c, prompt)],
+                                         tokenizer=replica.tokenizer, **self.sampling(c)):
+            if step.active[0]:
+                tokens.append(int(step.tokens[0]))
+            reason = step.finish_reason[0]
+            if reason is None:
+                text = replica.tokenizer.decode(tokens, skip_special_tokens=True)
+                safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
+                if safe > sent:
+                    yield text[sent:safe], None
+                    sent = safe
+        result = self.result(replica, c, tokens, reason or "length", len(ids))
+        yield result["generated_text"][sent:], result
+
+
+# ----------------------------------------------------------------------------- classify
+
+
+class ClassifyParams(_Strict):
+    candidate_labels: list[str] | None = None
+    threshold: float | None = Field(None, ge=0, le=1)
+
+
+class Classify(Task):
+    """A sequence-classification head, or zero-shot with a causal LM when candidate_labels are given."""
+
+    name = "classify"
+    Params = ClassifyParams
+    fields = [("label", pa.string()), ("score", pa.float32()), ("labels", pa.list_(pa.string())),
+              ("scores", pa.list_(LABEL_SCORE))]
+    settings = ("text_column", "prompt_template", "label_prefix")
+
+    def model_class(self, c):
+        return bloom.BloomForCausalLM if c.candidate_labels else bloom.BloomForSequenceClassification
+
+    input_columns = Generate.input_columns
+    row_input = Generate.row_input
+
+    def label(self, replica, texts, results, c):
+        encoded = replica.encode_capped(texts, results, c)
+        if c.candidate_labels:
+            return self._zero_shot(replica, encoded, results, c)
+        cfg = replica.model.config
+        multi = cfg.problem_type == "multi_label_classification"
+        regression = cfg.problem_type == "regression" or cfg.num_labels == 1
+        for idx, ids, mask in replica.batches(encoded, c):
+            logits = replica.model(ids, attention_mask=mask).logits.float()  # (B, num_labels)
+            probs = logits if regression else (logits.sigmoid() if multi else logits.softmax(-1))
+            for j, i in enumerate(idx):
+                p = probs[j].tolist()
+                best = max(range(len(p)), key=p.__getitem__)
+                chosen = [cfg.id2label[k] for k, v in enumerate(p) if v >= c.threshold] if multi else [cfg.id2label[best]]
+                results[i].update(label=cfg.id2label[best], score=p[best], labels=chosen,
+                                  scores=[{"label": cfg.id2label[k], "score": v} for k, v in enumerate(p)])
+
+    def _zero_shot(self, replica, encoded, results, c):
+        """Rank candidate labels by the log-likelihood of their tokens after the prompt. The prompt is run
+        once per row; its KV cache is shared by every label's continuation."""
+        labels, label_lists = c.candidate_labels, replica.candidate_label_ids(c)
+        K, L = len(label_lists), max(map(len, label_lists))
+        label_ids = torch.full((K, L), replica.pad_id, dtype=torch.long)
+        label_mask = torch.zeros((K, L), dtype=torch.long)
+        for k, ids in enumerate(label_lists):  # right-padded: padding after a label cannot affect it
+            label_ids[k, : len(ids)], label_mask[k, : len(ids)] = torch.tensor(ids), 1
+        label_ids, label_mask = label_ids.to(replica.input_device), label_mask.to(replica.input_device)
+        for idx, ids, mask in replica.batches(encoded, c, extra=L):
+            B = len(idx)
+            out = replica.model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log p(first label token | prompt)
+            total = first[:, label_ids[:, 0]]  # (B, K)
+            if L > 1:
+                cache = out.past_key_values.select(torch.arange(B).repeat_interleave(K))
+                cont_ids = label_ids[:, :-1].repeat(B, 1)  # (B*K, L-1): feed all but the last label token
+                cont_mask = torch.cat([mask.repeat_interleave(K, 0), label_mask[:, :-1].repeat(B, 1)], 1)
+                logp = replica.model(cont_ids, past_key_values=cache, attention_mask=cont_mask).logits.float().log_softmax(-1)
+                targets = label_ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
+                picked = logp.gather(-1, targets[..., None]).squeeze(-1) * label_mask[:, 1:].repeat(B, 1)
+                total = total + picked.sum(-1).view(B, K)
+            probs = total.softmax(-1)
+            for j, i in enumerate(idx):
+                p = probs[j].tolist()
+                best = max(range(K), key=p.__getitem__)
+                results[i].update(label=labels[best], score=p[best], labels=[labels[best]],
+                                  scores=[{"label": lab, "score": v} for lab, v in zip(labels, p)])
+
+
+# ----------------------------------------------------------------------------- ner
+
+
+class NerParams(_Strict):
+    aggregation_strategy: Literal[AGGREGATION_STRATEGIES] | None = None
+    ignore_labels: list[str] | None = None
+
+
+class Ner(Task):
+    name = "ner"
+    Params = NerParams
+    fields = [("entities", pa.list_(ENTITY))]
+    settings = ("text_column", "stride")
+
+    def model_class(self, c):
+        return bloom.BloomForTokenClassification
+
+    def label(self, replica, texts, results, c):
+        id2label = replica.model.config.id2label
+        windows = replica.windows(texts, results, c)
+        probs = replica.run_windows(windows, c, lambda out, j, n: out.logits[j, -n:].float().softmax(-1).cpu().numpy())
+        for i, ws in windows.items():
+            offsets, p = merge_windows([(w[1], q) for w, q in zip(ws, probs[i])], overlap=c.stride)
+            results[i]["entities"] = ner_entities(texts[i], offsets, p, id2label, c.aggregation_strategy,
+                                                  tuple(c.ignore_labels))
+
+
+# ----------------------------------------------------------------------------- qa
+
+
+class QaParams(_Strict):
+    max_answer_len: int | None = Field(None, ge=1)
+
+
+class QaItem(_Strict):
+    question: str
+    context: str
+
+
+class Qa(Task):
+    name = "qa"
+    Params = QaParams
+    Item = QaItem
+    fields = [("answer", pa.string()), ("score", pa.float32()), ("start", pa.int32()), ("end", pa.int32())]
+    settings = ("question_column", "context_column", "stride")
+
+    def model_class(self, c):
+        return bloom.BloomForQuestionAnswering
+
+    def input_columns(self, c):
+        return [c.question_column, c.context_column]
+
+    def row_input(self, row, c, text):
+        return text(row, c.question_column), text(row, c.context_column)
+
+    def item_row(self, item, c):
+        return {c.question_column: item.question, c.context_column: item.context}
+
+    def label(self, replica, pairs, results, c):
+        windows = replica.windows(pairs, results, c, pair=True)
+        logits = replica.run_windows(windows, c, lambda out, j, n: (out.start_logits[j, -n:].float().cpu().numpy(),
+                                                                     out.end_logits[j, -n:].float().cpu().numpy()))
+        for i, ws in windows.items():
+            best = (0, 0, -math.inf)
+            for (ids, offsets, seq), (start, end) in zip(ws, logits[i]):
+                context = [s == 1 for s in seq]
+                if any(context):
+                    span = best_span(start, end, offsets, context, c.max_answer_len)
+                    best = max(best, span, key=lambda s: s[2])
+            if best[2] == -math.inf:
+                results[i]["error"] = "no context token fits in the window after the question"
+                continue
+            s, e, score = best
+            results[i].update(answer=pairs[i][1][s:e], score=score, start=s, end=e)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (Generate(), Classify(), Ner(), Qa())}
