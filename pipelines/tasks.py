@@ -93,6 +93,8 @@ class Task:
         except ValidationError as e:
             err = e.errors()[0]
             name, msg = ".".join(map(str, err["loc"])), err["msg"]
+            if err["type"] == "literal_error":
+                msg = "Input should be one of " + err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
             said = f"must be {msg[len('Input should be '):]}" if msg.startswith("Input should be ") else f": {msg}"
             raise ValueError(f"{name} {said} (got {err.get('input')!r})".replace(" :", ":")) from None
 
