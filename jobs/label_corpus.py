@@ -89,14 +89,15 @@ def with_demo_defaults(config: LabelConfig) -> LabelConfig:
 
 
 def main(argv=None) -> int:
+    from pipelines.label import JobFailed, check_job, run_label_job
+
     try:
         config, args = parse_args(argv)
-        config = with_demo_defaults(config)
+        config = check_job(with_demo_defaults(config))  # before Ray starts: a bad setting costs nothing
     except (ValueError, FileNotFoundError) as e:
         print(f"label_corpus: {e}", file=sys.stderr)
         return 2
     from pipelines import init_ray
-    from pipelines.label import JobFailed, run_label_job
 
     init_ray(args.ray_num_cpus)
     try:

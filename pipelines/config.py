@@ -49,7 +49,7 @@ class LabelConfig:
     max_answer_len: int = 30
     # --- limits and errors ---
     max_input_tokens: int = 1024  # per row (per window for ner/qa)
-    too_long: str = "error"  # or "truncate" (keeps the start; flags the row)
+    too_long: str = "error"  # or "truncate" (a template is kept whole, the text gives up its end; flags the row)
     max_text_chars: int = 200_000  # longer texts are errors before tokenizing
     max_errored_rows: int | None = None
     max_errored_fraction: float | None = 0.1

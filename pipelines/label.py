@@ -146,6 +146,19 @@ def _pending(tasks: list[dict], done: dict) -> list[dict]:
     return out
 
 
+def check_job(config: LabelConfig) -> LabelConfig:
+    """The checks that need no cluster, with the model resolved to a local directory: the checkpoint,
+    its tokenizer and the task's head, and an output. FileNotFoundError / ValueError in one line."""
+    config = dataclasses.replace(config, model=resolve_model(config.model))
+    bloom.BloomConfig.from_pretrained(config.model)  # a clear error now rather than in every actor
+    if not (Path(config.model) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {config.model}")
+    if not config.output:
+        raise ValueError("no output given")
+    check_model(config, config.model)  # the task's head is there: one line now, not a failing actor later
+    return config
+
+
 def run_label_job(config: LabelConfig) -> dict:
     """Label config.input into config.output on the Ray cluster this process is connected to.
 
@@ -156,13 +169,7 @@ def run_label_job(config: LabelConfig) -> dict:
     from ray.data import ActorPoolStrategy
 
     start = time.time()
-    config = dataclasses.replace(config, model=resolve_model(config.model))
-    bloom.BloomConfig.from_pretrained(config.model)  # a clear error now rather than in every actor
-    if not (Path(config.model) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {config.model}")
-    if not config.output:
-        raise ValueError("no output given")
-    check_model(config, config.model)  # the task's head is there: one line now, not a failing actor later
+    config = check_job(config)
     files = list_input_files(config.input)
     tasks = plan(files, required_columns(config))
     rows_in = sum(t["num_rows"] for t in tasks)

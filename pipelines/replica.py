@@ -28,7 +28,7 @@ import bloom
 from bloom.loading import missing_heads
 
 from .config import LabelConfig
-from .tasks import TASKS
+from .tasks import TASKS, Templated
 
 logger = logging.getLogger("bloomline")
 
@@ -262,17 +262,19 @@ class BloomReplica:
 
     def encode_capped(self, texts: dict[int, str], results: list[dict], c: LabelConfig) -> dict[int, list[int]]:
         """Token ids per row; rows over c.max_input_tokens are errors (code "too_long") or truncated
-        (keeping the start, flagged in `truncated`)."""
+        (flagged in `truncated`): a templated prompt shortens its values and keeps the template
+        whole, a plain text keeps its start."""
         limit, encoded = c.max_input_tokens, {}
         for i, text in texts.items():
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(str(text))
             results[i]["input_tokens"] = len(ids)
             if len(ids) > limit:
                 if c.too_long == "error":
                     results[i].update(error=f"input has {len(ids)} tokens, over the limit of {limit}",
                                       error_code="too_long")
                     continue
-                ids, results[i]["truncated"] = ids[:limit], True
+                fitted = text.fit(self.tokenizer, limit) if isinstance(text, Templated) else None
+                ids, results[i]["truncated"] = fitted or ids[:limit], True
             encoded[i] = ids
         return encoded
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import string
 import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union
 
 import pyarrow as pa
@@ -46,6 +47,35 @@ class _Strict(BaseModel):
 def template_fields(template: str) -> list[str]:
     """The column names a prompt template reads, e.g. 'Summarize: {text}' -> ['text']."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass(frozen=True)
+class Templated:
+    """A prompt built from a template over a row's columns. When it has too many tokens and rows may be
+    truncated, it gives up the end of its longest value, never the template (whose end, e.g.
+    "\nTopic:", is what the model answers after)."""
+
+    template: str
+    values: dict[str, str]
+
+    def __str__(self) -> str:
+        return self.template.format(**self.values)
+
+    def fit(self, tokenizer, limit: int) -> list[int] | None:
+        """Token ids of the prompt within `limit` tokens, shortening values; None when the template
+        alone is too long."""
+        values = dict(self.values)
+        for _ in range(2 * len(values) + 4):  # re-encoding can merge tokens at the cut: a few rounds at most
+            ids = tokenizer.encode(self.template.format(**values))
+            over = len(ids) - limit
+            if over <= 0:
+                return ids
+            name = max(values, key=lambda k: len(values[k]))
+            value_ids = tokenizer.encode(values[name])
+            if not value_ids:
+                return None
+            values[name] = tokenizer.decode(value_ids[: max(0, len(value_ids) - over)])
+        return None
 
 
 class Task:
@@ -137,13 +167,13 @@ class Generate(Task):
 
     def row_input(self, row, c, text):
         if c.prompt_template:
-            return c.prompt_template.format(**{name: text(row, name) for name in template_fields(c.prompt_template)})
+            return Templated(c.prompt_template, {name: text(row, name) for name in template_fields(c.prompt_template)})
         return text(row, c.text_column)
 
     @staticmethod
     def seed(c: LabelConfig, prompt: str) -> int:
         # A row's seed depends on its prompt only, so sampling does not depend on how rows are batched.
-        return zlib.crc32(f"{c.seed}\x00{prompt}".encode())
+        return zlib.crc32(f"{c.seed}\x00{str(prompt)}".encode())
 
     def sampling(self, c: LabelConfig) -> dict:
         """`generate` / `stream` keyword arguments for the settings in `c`."""

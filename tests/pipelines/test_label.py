@@ -86,6 +86,23 @@ def test_rerun_labels_nothing_and_other_settings_are_refused(ray_cluster, checkp
     assert run_label_job(other)["rows_labeled_this_run"] == 60
 
 
+def test_a_checkpoint_without_the_tasks_head_fails_before_writing_anything(ray_cluster, checkpoints, corpus,
+                                                                           tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="has no score head weights"):
+        run_label_job(config(checkpoints, "classify", corpus, out, key="generate"))
+    assert not out.exists()
+    # A run that wrote no part (it failed before labeling) never locks its output to its settings.
+    out.mkdir()
+    (out / "_run.json").write_text(json.dumps({"fingerprint": "another run", "task": "ner", "model": "gone"}))
+    assert run_label_job(config(checkpoints, "classify", corpus, out))["rows_out"] == 60
+    cli = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "ner", "--model",
+                          str(checkpoints["generate"]), "--input", str(corpus), "--output", str(tmp_path / "cli")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    assert cli.returncode == 2 and "no classifier head weights" in cli.stderr and len(cli.stderr.splitlines()) == 1
+    assert not (tmp_path / "cli").exists()
+
+
 def test_new_input_rows_are_labeled_on_rerun(ray_cluster, checkpoints, tmp_path):
     rows = corpus_rows(40)
     corpus = write_corpus(tmp_path / "c", rows[:30], files=1)

@@ -1,0 +1,69 @@
+"""The task objects: what each task reads, needs, writes and depends on, in one place."""
+
+import pytest
+from pydantic import ValidationError
+
+from pipelines.config import LabelConfig
+from pipelines.replica import BloomReplica
+from pipelines.tasks import TASKS
+from tests.pipelines.conftest import corpus_rows
+
+
+def test_only_the_tasks_own_settings_enter_the_fingerprint():
+    m = "model-fingerprint"
+    ner = LabelConfig(task="ner").fingerprint(m)
+    # generate's and classify's settings do not decide an NER output, nor do resources
+    assert LabelConfig(task="ner", max_new_tokens=64, stop=["x"], threshold=0.2, num_actors=3).fingerprint(m) == ner
+    assert LabelConfig(task="ner", aggregation_strategy="max").fingerprint(m) != ner
+    assert LabelConfig(task="ner", stride=8).fingerprint(m) != ner
+    assert LabelConfig(task="ner").fingerprint("other model") != ner
+    gen = LabelConfig(task="generate").fingerprint(m)
+    assert LabelConfig(task="generate", max_new_tokens=64).fingerprint(m) != gen
+    assert LabelConfig(task="generate", aggregation_strategy="max", stride=8).fingerprint(m) == gen
+    assert LabelConfig(task="qa", max_answer_len=5).fingerprint(m) != LabelConfig(task="qa").fingerprint(m)
+
+
+@pytest.mark.parametrize("task, bad, message", [
+    ("generate", {"top_k": -1}, "top_k must be greater than or equal to 0"),
+    ("generate", {"stop": [""]}, "stop.0"),
+    ("classify", {"threshold": 2}, "threshold must be less than or equal to 1"),
+    ("ner", {"aggregation_strategy": "sometimes"}, "aggregation_strategy must be one of none, simple"),
+    ("qa", {"max_answer_len": 0}, "max_answer_len must be greater than or equal to 1"),
+])
+def test_settings_and_requests_share_the_tasks_bounds(task, bad, message):
+    with pytest.raises(ValueError, match=message):
+        LabelConfig(task=task, **bad)
+    with pytest.raises(ValidationError):  # the endpoint's request body, from the same Params
+        TASKS[task].request_model().model_validate({"inputs": "x" if task != "qa" else
+                                                    {"question": "q", "context": "c"}, "parameters": bad})
+    LabelConfig(task="generate" if task != "generate" else "ner", **bad)  # another task's settings are its own
+
+
+def test_each_task_declares_its_columns_and_model():
+    assert TASKS["qa"].input_columns(LabelConfig(task="qa")) == ["question", "context"]
+    assert TASKS["generate"].input_columns(LabelConfig(prompt_template="{title}: {text}")) == ["title", "text"]
+    assert TASKS["classify"].model_class(LabelConfig(task="classify")).__name__ == "BloomForSequenceClassification"
+    assert TASKS["classify"].model_class(LabelConfig(task="classify", candidate_labels=["a", "b"])).__name__ == \
+        "BloomForCausalLM"
+    for name, task in TASKS.items():
+        names = [f.name for f in task.output_fields()]
+        assert names[-3:] == ["input_tokens", "truncated", "error"] and len(set(names)) == len(names)
+
+
+def test_truncating_a_templated_prompt_keeps_the_template(checkpoints):
+    template = "Text: {text}\nTopic:"
+    rep = BloomReplica(LabelConfig(task="generate", model=str(checkpoints["generate"]), dtype="float32",
+                                   prompt_template=template, max_input_tokens=24, too_long="truncate",
+                                   max_new_tokens=2))
+    row = {"text": " ".join(r["text"] for r in corpus_rows(6))}
+    (prompt, ids), result = rep.prompt_ids(row, rep.config)
+    assert len(rep.tokenizer.encode(str(prompt))) > 24 and len(ids) <= 24 and result["truncated"]
+    text = rep.tokenizer.decode(ids)
+    assert text.startswith("Text: ") and text.endswith("\nTopic:")
+    plain = BloomReplica(LabelConfig(task="generate", model=str(checkpoints["generate"]), dtype="float32",
+                                     max_input_tokens=24, too_long="truncate", max_new_tokens=2))
+    (_, ids), _ = plain.prompt_ids(row, plain.config)  # a plain text keeps its start
+    assert ids == rep.tokenizer.encode(row["text"])[:24]
+    out = rep.label_rows([row])[0]
+    assert not out.get("error")
+    assert out["truncated"] and out["completion_tokens"] == 2
