@@ -47,7 +47,13 @@ def main(argv=None) -> int:
         print(f"nightly_annotate: {e}", file=sys.stderr)
         return 2
     from pipelines import init_ray
-    from pipelines.nightly import run_nightly
+    from pipelines.nightly import annotator_fingerprints, run_nightly
+
+    try:
+        annotator_fingerprints(config)  # every annotator's model fits its task, before Ray starts
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nightly_annotate: {e}", file=sys.stderr)
+        return 2
 
     if not args.dry_run:
         init_ray(args.ray_num_cpus)

@@ -146,17 +146,22 @@ def _pending(tasks: list[dict], done: dict) -> list[dict]:
     return out
 
 
-def check_job(config: LabelConfig) -> LabelConfig:
-    """The checks that need no cluster, with the model resolved to a local directory: the checkpoint,
-    its tokenizer and the task's head, and an output. FileNotFoundError / ValueError in one line."""
+def check_checkpoint(config: LabelConfig) -> LabelConfig:
+    """config with its model resolved to a local directory, checked for the task without loading it:
+    config.json, tokenizer.json and the task's head. FileNotFoundError / ValueError in one line."""
     config = dataclasses.replace(config, model=resolve_model(config.model))
     bloom.BloomConfig.from_pretrained(config.model)  # a clear error now rather than in every actor
     if not (Path(config.model) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {config.model}")
-    if not config.output:
-        raise ValueError("no output given")
     check_model(config, config.model)  # the task's head is there: one line now, not a failing actor later
     return config
+
+
+def check_job(config: LabelConfig) -> LabelConfig:
+    """The checks that need no cluster (`check_checkpoint`, an output given); the config to run."""
+    if not config.output:
+        raise ValueError("no output given")
+    return check_checkpoint(config)
 
 
 def run_label_job(config: LabelConfig) -> dict:

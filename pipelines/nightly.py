@@ -44,7 +44,7 @@ from bloom.config import write_atomic
 
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files
-from .label import JobFailed, resolve_model, run_label_job
+from .label import JobFailed, check_checkpoint, run_label_job
 from .replica import output_fields
 
 logger = logging.getLogger("bloomline")
@@ -170,8 +170,11 @@ def annotator_fingerprints(config: NightlyConfig) -> dict[str, str]:
     """annotator name -> fingerprint of its model and task settings (and the job's id/kept columns)."""
     out = {}
     for a in config.annotators:
-        model = resolve_model(a.model)
-        out[a.name] = config.label_config(a, [], "").fingerprint(model_fingerprint(model))
+        try:  # a missing model or a checkpoint without the task's head is bad configuration, named now
+            checked = check_checkpoint(config.label_config(a, [], ""))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"annotator {a.name!r}: {e}") from None
+        out[a.name] = checked.fingerprint(model_fingerprint(checked.model))
     return out
 
 

@@ -272,6 +272,23 @@ def test_bad_configs_are_named_before_any_work(tmp_path, checkpoints):
     assert done.returncode == 2 and "unknown setting(s): annotator" in done.stderr
 
 
+def test_an_annotator_whose_model_cannot_do_its_task_is_named_before_any_work(ray_cluster, tmp_path, checkpoints):
+    corpus = make_corpus(tmp_path / "corpus", {1: 4, 2: 4})
+    good = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    headless = {"name": "entities", "task": "ner", "model": str(checkpoints["generate"])}
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="annotator 'entities': .* no classifier head"):
+        run_nightly(NightlyConfig(**settings(corpus, out, good, headless)))
+    with pytest.raises(FileNotFoundError, match="annotator 'entities': model directory"):
+        run_nightly(NightlyConfig(**settings(corpus, out, good, dict(headless, model=str(tmp_path / "gone")))))
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(settings(corpus, out, good, headless)))
+    done = subprocess.run([sys.executable, SCRIPT, "--config", str(path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    assert done.returncode == 2 and "annotator 'entities'" in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "_report.json").exists() and not list(out.glob("date=*"))
+
+
 def test_publish_replaces_whole_and_recover_repairs_a_killed_publish(tmp_path, monkeypatch):
     root = tmp_path / "out"
     final = root / "date=1"
