@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
@@ -79,6 +80,13 @@ class ApiError(Exception):
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
     return JSONResponse({"error": {"message": e.message, "code": e.status}}, status_code=e.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return JSONResponse({"error": {"message": message.get(e.status_code, str(e.detail)), "code": e.status_code}},
+                        status_code=e.status_code, headers=getattr(e, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)

@@ -114,6 +114,25 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, body, s
     assert post(server, "/v1/classify", {"inputs": "still fine"}).status_code == 200
 
 
+@pytest.mark.parametrize("route, body, status, message", [
+    ("/v1/completions", {"prompt": "", "max_tokens": 2}, 422, "prompt: text is empty"),
+    ("/v1/completions", {"prompt": ["fine", "   "], "max_tokens": 2}, 422, "prompt[1]: text is empty"),
+    ("/v1/completions", {"prompt": " ", "max_tokens": 2, "stream": True}, 422, "prompt: text is empty"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100}, 422, "max_tokens 100 is over the limit of 64"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' is not served"),
+    ("/v1/classify", {"inputs": ["fine", ""]}, 422, "inputs[1]: text is empty"),
+    ("/v1/classify", {"inputs": "x" * 100_001}, 413, "over the limit"),
+    ("/v1/nothing", {"inputs": "x"}, 404, "no route /v1/nothing"),
+    ("/nowhere", {}, 404, "no route /nowhere"),
+])
+def test_every_error_has_one_shape(server, route, body, status, message):
+    answer = post(server, route, body)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"] == status and message in answer.json()["error"]["message"]
+    wrong_method = requests.get(server[0] + "/v1/classify", timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == 405
+
+
 @pytest.mark.parametrize("key", [None, "wrong"])
 def test_api_key_is_required(server, key):
     answer = post(server, "/v1/classify", {"inputs": "hello"}, key=key)
