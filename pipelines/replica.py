@@ -128,8 +128,6 @@ class BloomReplica:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Label an Arrow batch; returns pass-through columns + the task's columns, one row per input row."""
-        if self.num_threads and torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
         rows = batch.to_pylist()
         results = self.label_rows(rows)
         keep = [c for c in self.passthrough_columns() if c in batch.column_names]
@@ -205,6 +203,10 @@ class BloomReplica:
         return inputs, results
 
     def _label_rows(self, rows: list[dict], c: LabelConfig) -> list[dict]:
+        if self.num_threads:
+            # OpenMP's thread count belongs to the calling thread, and Ray Data calls us on another thread
+            # than the constructor's (where Ray's OMP_NUM_THREADS=1 still holds): set it where we compute.
+            torch.set_num_threads(self.num_threads)
         inputs, results = self.prepare(rows, c)
         if inputs:
             with torch.inference_mode():
