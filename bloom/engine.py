@@ -3,28 +3,32 @@
 A request is a `Sequence`: its prompt ids, its own `GenerationParams` (max_new_tokens, sampling, seed,
 stop strings, eos) and its output, streamed token by token. `Engine.step()` does one round:
 
-  1. take new sequences and aborts (an aborted sequence's room is freed here, before any model call);
-  2. admit waiting sequences in arrival order while their room fits in the cache;
+  1. take new sequences and aborts (an aborted sequence's slot is freed here, before any model call);
+  2. admit waiting sequences in arrival order while a cache slot is free;
   3. prefill: feed up to `prefill_chunk` prompt tokens (several short prompts in one forward, or the next
      chunk of a long one), so a long prompt delays the running streams by one chunk per step, not by
      its whole prefill; a prompt whose last chunk went in gets its first token this step;
   4. decode: one token for every running sequence, in one forward;
   5. sample every row of the step in one call (each with its own settings and generator), finish rows
-     on eos, a stop string or their own max_new_tokens, and free their room at once.
+     on eos, a stop string or their own max_new_tokens, and free their slot at once.
 
-The KV cache (`PagedKVCache`) is allocated once: `cache_tokens // page_size` pages of `page_size`
-tokens, per layer. A sequence reserves pages for its prompt + max_new_tokens when it is admitted, so a
-running sequence never runs out of room (no preemption, no recomputation), and gives them back the
-moment it ends. A forward sees its rows' pages through `PagedBatch`, laid out as the left-padded batch
-the model already handles: ALiBi positions and the causal mask come from each row's own length.
+The KV cache (`SlotKVCache`) is allocated once: `cache_tokens // max_seq_len` slots of `max_seq_len`
+tokens, per layer. A sequence takes a slot when it is admitted, so it never runs out of room while it
+runs (no preemption, no recomputation), and gives it back the moment it ends. Running sequences are kept
+in the first slots (a finished one's hole is filled by moving another in), so a decode step attends over
+a view of the cache, with no copy. A forward sees its rows through `SlotBatch`, in layouts the model
+already handles: ALiBi positions and the causal mask come from each row's own length.
+Why slots and not pages: pages would fit more short sequences in the same memory, but without a paged
+attention kernel every decode step must first gather each row's keys and values into one tensor; on
+CPU that copy made a first paged version of this engine 2.2x slower than the static path in
+benchmarks/bench_engine.py, where slots are faster than it.
 
 Knobs (constructor arguments):
-  cache_tokens   the KV cache budget in tokens, shared by all sequences (memory: 2 · n_layer · cache_tokens
-                 · hidden_size · dtype bytes). More room admits more sequences at once.
-  page_size      tokens per page (default 16): the rounding of each sequence's reservation.
+  cache_tokens   the KV cache budget in tokens (memory: 2 · n_layer · cache_tokens · hidden_size · dtype
+                 bytes); with max_seq_len it sets how many sequences run at once (the decode batch).
+  max_seq_len    the most tokens one sequence may hold, prompt + max_new_tokens (a slot's size).
   prefill_chunk  prompt tokens per step, padding included (default 256): smaller keeps the running
                  streams' time per token steadier while prompts arrive, larger prefills faster.
-  max_seqs       the most sequences holding room at once (bounds the decode batch).
 
 Guarantees:
   - Greedy output of a sequence is token for token `model.generate` on its prompt alone, whatever
@@ -63,98 +67,113 @@ from .generation import (
 
 logger = logging.getLogger("bloom")
 
-# ----------------------------------------------------------------------------- the paged KV cache
+# ----------------------------------------------------------------------------- the KV cache
 
 
-class PagedKVCache:
-    """Keys and values of every layer in fixed pages, allocated once: (num_pages, page_size, H, D) per layer,
-    each on its layer's device. Pages are handed out and taken back by the engine (`allocate`, `release`)."""
+class SlotKVCache:
+    """Keys and values of every layer, allocated once: (num_slots, H, max_seq_len, D) per layer, each on its
+    layer's device. A sequence holds one slot (its prompt and new tokens at positions 0, 1, 2, ...) from
+    admission to its end; `allocate` and `release` hand slots out and take them back."""
 
-    def __init__(self, model, cache_tokens: int, page_size: int = 16):
-        if page_size < 1 or cache_tokens < page_size:
-            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one page of page_size ({page_size}) tokens")
+    def __init__(self, model, cache_tokens: int, max_seq_len: int):
+        if max_seq_len < 1 or cache_tokens < max_seq_len:
+            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one sequence of max_seq_len "
+                             f"({max_seq_len}) tokens")
         cfg = model.config
-        self.page_size = page_size
-        self.num_pages = cache_tokens // page_size
+        self.max_seq_len = max_seq_len
+        self.num_slots = cache_tokens // max_seq_len
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for block in model.transformer.h:
             w = block.input_layernorm.weight  # never packed, so it names the layer's device and dtype
-            shape = (self.num_pages, page_size, cfg.n_head, cfg.head_dim)
-            # Zeros, not empty: a forward reads whole pages and masks the unused keys, whose probability is
-            # then exactly 0, and 0 × value must stay 0 (uninitialised memory may hold NaN).
+            shape = (self.num_slots, cfg.n_head, max_seq_len, cfg.head_dim)
+            # Zeros, not empty: a forward also reads positions it masks out, whose probability is then exactly
+            # 0, and 0 × value must stay 0 (uninitialised memory may hold NaN).
             self.keys.append(torch.zeros(shape, dtype=w.dtype, device=w.device))
             self.values.append(torch.zeros(shape, dtype=w.dtype, device=w.device))
-        self._free = list(range(self.num_pages))
+        self._free = list(range(self.num_slots))
 
     @property
     def capacity(self) -> int:
         """Tokens the cache holds in all."""
-        return self.num_pages * self.page_size
+        return self.num_slots * self.max_seq_len
 
     @property
-    def free_tokens(self) -> int:
-        return len(self._free) * self.page_size
+    def free_slots(self) -> int:
+        return len(self._free)
 
-    def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
-
-    def allocate(self, tokens: int) -> list[int] | None:
-        """Page ids with room for `tokens`, or None (nothing taken) when too few are free."""
-        n = self.pages_for(tokens)
-        if n > len(self._free):
+    def allocate(self) -> int | None:
+        """A free slot (the lowest), or None when all are taken."""
+        if not self._free:
             return None
-        pages, self._free = self._free[:n], self._free[n:]
-        return pages
+        self._free.sort()
+        return self._free.pop(0)
 
-    def release(self, pages: list[int]) -> None:
-        self._free.extend(pages)
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def take(self, slot: int, instead_of: int) -> None:
+        """Hold the free `slot` and free `instead_of` (a sequence moved between them)."""
+        self._free.remove(slot)
+        self._free.append(instead_of)
+
+    def move(self, src: int, dst: int, n: int, n_dst: int = 0) -> None:
+        """Copy the first n tokens of slot src into slot dst; with n_dst, dst's first n_dst go to src (a swap)."""
+        for buf in self.keys + self.values:
+            held = buf[dst, :, :n_dst].clone()
+            buf[dst, :, :n] = buf[src, :, :n]
+            buf[src, :, :n_dst] = held
 
 
-class PagedBatch:
-    """One forward's view of the paged cache, passed to the model as its `past_key_values`.
+class SlotBatch:
+    """One forward's view of the slot cache, passed to the model as its `past_key_values`.
 
-    It lays the rows out as the left-padded batch that BloomModel already handles, so the model's mask,
-    ALiBi and attention code serve the engine unchanged. Row i has c_i cached and n_i new tokens:
+    Row i (slot slots[i]) has c_i cached and n_i new tokens. The new tokens' keys and values are written at
+    positions c_i ... c_i + n_i - 1 of the row's slot; what the model attends over comes in one of two layouts
+    that BloomModel's mask and ALiBi code already handle (its new tokens are the last T columns):
 
-        keys of row i = [ c_i cached | gap to C | padding | n_i new ]     (B, H, C + T, D)
-        C = max c_i (what the model reads as `length`), T = max n_i
+      - in place, when the rows are consecutive slots and either one token each (decode) or one row: a
+        view of the cache, no copy. Rows are right-padded to S = max(c_i + n_i); a single new query at
+        the last column sees exactly its row's c_i + 1 tokens through the mask.
+      - gathered, otherwise (prefill chunks of several prompts): a left-padded copy,
+        [ c_i cached | gap to C | padding | n_i new ] of S = C + T columns, C = max c_i, T = max n_i.
 
-    `mask` (B, C + T) is 1 on the cached and the new tokens only, so each row's ALiBi positions (the
-    mask's cumulative sum) run 0, 1, 2, ... over its own tokens and its queries see only them."""
+    Either way `mask` (B, S) is 1 exactly on each row's own tokens, so its ALiBi positions (the mask's
+    cumulative sum) run 0, 1, 2, ... and its queries see only its tokens. The engine keeps its running
+    sequences in slots 0 .. R-1 so that decoding, the step that runs every time, takes the view."""
 
-    def __init__(self, cache: PagedKVCache, tables: list[list[int]], cached: list[int], new: list[int]):
-        P = cache.page_size
-        self.cache = cache
-        self.length = C = max(cached)
-        T = max(new)
+    def __init__(self, cache: SlotKVCache, slots: list[int], cached: list[int], new: list[int]):
+        B, T = len(slots), max(new)
         device = cache.keys[0].device
-        n_read = cache.pages_for(C)
-        # Rows with fewer cached pages read page 0 in their gap: masked, so any page will do.
-        self.read_pages = torch.tensor([(t + [0] * n_read)[:n_read] for t in tables], dtype=torch.long, device=device)
-        # Where each real new token goes: batch row and column of the (B, T) input, page and offset in the cache.
-        rows, cols, pages, offsets = [], [], [], []
-        for i, (table, c, n) in enumerate(zip(tables, cached, new)):
-            for j in range(n):
-                rows.append(i)
-                cols.append(T - n + j)
-                pages.append(table[(c + j) // P])
-                offsets.append((c + j) % P)
-        self.rows, self.cols, self.pages, self.offsets = (
-            torch.tensor(x, dtype=torch.long, device=device) for x in (rows, cols, pages, offsets))
-        index = torch.arange(C + T, device=device)
-        c_t, n_t = (torch.tensor(x, device=device)[:, None] for x in (cached, new))
-        self.mask = ((index < c_t) | (index >= C + T - n_t)).long()  # (B, C + T)
+        self.cache = cache
+        self.slots = torch.tensor(slots, device=device)
+        c, n = (torch.tensor(x, device=device)[:, None] for x in (cached, new))
+        self.in_place = slots == list(range(slots[0], slots[0] + B)) and (B == 1 or T == 1)
+        if self.in_place:
+            self.first, self.end = slots[0], max(ci + ni for ci, ni in zip(cached, new))
+            self.length = self.end - T
+            self.mask = (torch.arange(self.end, device=device) < c + n).long()
+        else:
+            self.length = C = max(cached)
+            column = torch.arange(C + T, device=device)
+            self.mask = ((column < c) | (column >= C + T - n)).long()
+        t = torch.arange(T, device=device)
+        self.new_real = t >= T - n  # (B, T): which new columns are real tokens, not left padding
+        self.write_slot = self.slots[:, None].expand(B, T)[self.new_real]
+        self.write_pos = (c + t - (T - n))[self.new_real]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the real new tokens of k, v (B, H, T, D) in their pages; return every row's cached and new
-        keys and values, (B, H, C + T, D), in the layout above."""
+        """Store the real new tokens of k, v (B, H, T, D) in their slots; return the keys and values to
+        attend over, (B, H, S, D), in one of the layouts above."""
         out = []
-        for pool, new in ((self.cache.keys[layer], k), (self.cache.values[layer], v)):
-            dev = pool.device
-            old = pool[self.read_pages.to(dev)].flatten(1, 2)[:, : self.length].transpose(1, 2)  # (B, H, C, D)
-            pool[self.pages.to(dev), self.offsets.to(dev)] = new[self.rows.to(dev), :, self.cols.to(dev)]  # (n, H, D)
-            out.append(torch.cat([old, new], 2))
+        for buf, new in ((self.cache.keys[layer], k), (self.cache.values[layer], v)):
+            dev = buf.device
+            buf[self.write_slot.to(dev), :, self.write_pos.to(dev)] = new.transpose(1, 2)[self.new_real.to(dev)]
+            if self.in_place:
+                out.append(buf[self.first : self.first + len(self.slots), :, : self.end])
+            else:
+                old = buf[:, :, : self.length].index_select(0, self.slots.to(dev))  # (B, H, C, D)
+                out.append(torch.cat([old, new], 2))
         return out[0], out[1]
 
     def advance(self, n: int) -> None:
@@ -204,9 +223,9 @@ class Sequence:
         self.error: BaseException | None = None
         self.times: dict[str, float] = {"submitted": time.perf_counter()}
         # Engine-side state: the sampling row (with this sequence's own generator), stop-string window,
-        # eos ids, tokens seen (for the repetition penalty), its cache pages and how many tokens they hold.
+        # eos ids, tokens seen (for the repetition penalty), its cache slot and how many tokens it holds.
         self.sampling, self.stop, self.eos, self.seen = sampling, stop, eos, seen
-        self.pages: list[int] = []
+        self.slot: int | None = None
         self.num_cached = 0
         self._on_token = on_token
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -273,17 +292,17 @@ class Engine:
     Threaded: `start()` (or `with engine:`) runs the steps on a background thread; `submit` and `abort`
     from any thread; `stop()` ends the thread and aborts what is left."""
 
-    def __init__(self, model, tokenizer=None, *, cache_tokens: int = 8192, page_size: int = 16,
-                 prefill_chunk: int = 256, max_seqs: int = 64):
-        if prefill_chunk < 1 or max_seqs < 1:
-            raise ValueError(f"prefill_chunk ({prefill_chunk}) and max_seqs ({max_seqs}) must be >= 1")
+    def __init__(self, model, tokenizer=None, *, cache_tokens: int = 8192, max_seq_len: int = 1024,
+                 prefill_chunk: int = 256):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
         self.tokenizer = tokenizer  # for stop strings
-        self.prefill_chunk, self.max_seqs = prefill_chunk, max_seqs
+        self.prefill_chunk = prefill_chunk
         self.device = model.get_input_embeddings().weight.device
-        self.cache = PagedKVCache(model, cache_tokens, page_size)
-        self.waiting: deque[Sequence] = deque()  # submitted, no room yet
-        self.prefilling: list[Sequence] = []  # room held, prompt partly cached
+        self.cache = SlotKVCache(model, cache_tokens, max_seq_len)
+        self.waiting: deque[Sequence] = deque()  # submitted, no slot yet
+        self.prefilling: list[Sequence] = []  # slot held, prompt partly cached
         self.running: list[Sequence] = []  # prompt cached, one token per step
         self._inbox: deque[tuple[str, Sequence]] = deque()  # ("submit" | "abort", sequence) from any thread
         self._wake = threading.Condition()  # guards _inbox and _stopping
@@ -309,10 +328,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {min(prompt)}..{max(prompt)}")
         check_max_new_tokens(params.max_new_tokens)
         need = len(prompt) + params.max_new_tokens
-        if self.cache.pages_for(need) > self.cache.num_pages:
+        if need > self.cache.max_seq_len:
             raise ValueError(
                 f"a prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} = {need} tokens can never "
-                f"fit the engine's KV cache of {self.cache.capacity} tokens (cache_tokens)")
+                f"fit the engine's KV cache slots of {self.cache.max_seq_len} tokens (max_seq_len)")
         sampling = sampling_params(1, self.device, params.do_sample, params.temperature, params.top_k,
                                    params.top_p, params.repetition_penalty, params.seed)
         stop = StopStrings(params.stop_strings, self.tokenizer)
@@ -327,7 +346,7 @@ class Engine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """End `seq` with finish_reason "abort"; its room is freed at the start of the next step."""
+        """End `seq` with finish_reason "abort"; its slot is freed at the start of the next step."""
         with self._wake:
             self._inbox.append(("abort", seq))
             self._wake.notify()
@@ -337,10 +356,12 @@ class Engine:
         return bool(self._inbox or self.waiting or self.prefilling or self.running)
 
     def stats(self) -> dict:
-        """Sequences waiting / holding room, and cache tokens in use (a snapshot, for metrics)."""
+        """Sequences waiting and holding slots, and cache use (a snapshot, for metrics)."""
+        held = self.prefilling + self.running
         return {"waiting": len(self.waiting) + len(self._inbox), "prefilling": len(self.prefilling),
-                "running": len(self.running), "cache_tokens": self.cache.capacity,
-                "cache_tokens_used": self.cache.capacity - self.cache.free_tokens}
+                "running": len(self.running), "slots": self.cache.num_slots,
+                "slots_used": self.cache.num_slots - self.cache.free_slots,
+                "cache_tokens": self.cache.capacity, "cache_tokens_held": sum(s.num_cached for s in held)}
 
     # -- driving it
 
@@ -425,6 +446,7 @@ class Engine:
             complete = [i for i, s in enumerate(seqs) if s.num_cached == len(s.prompt_ids)]
             rows += [seqs[i] for i in complete]
             logits.append(out[complete])
+        self._compact()
         decoding = list(self.running)
         if decoding:
             logits.append(self._forward(decoding, [[s.output_ids[-1]] for s in decoding]))
@@ -437,6 +459,24 @@ class Engine:
             self.prefilling.remove(s)
             self.running.append(s)
         return ended
+
+    def _compact(self) -> None:
+        """Move running sequences into slots 0 .. R-1 (R running), in slot order, so that the decode step
+        reads the cache in place. Each move copies one sequence's tokens once, where a gathered decode
+        would copy every row's tokens at every step."""
+        R = len(self.running)
+        owner = {s.slot: s for s in self.prefilling}
+        holes = iter(sorted(set(range(R)) - {s.slot for s in self.running}))
+        for seq in [s for s in self.running if s.slot >= R]:
+            hole = next(holes)
+            other = owner.get(hole)  # a prefilling sequence there swaps places; a free slot is taken
+            self.cache.move(seq.slot, hole, seq.num_cached, other.num_cached if other else 0)
+            if other is not None:
+                other.slot = seq.slot
+            else:
+                self.cache.take(hole, seq.slot)
+            seq.slot = hole
+        self.running.sort(key=lambda s: s.slot)
 
     def _take_inbox(self) -> list[Sequence]:
         with self._wake:
@@ -457,15 +497,12 @@ class Engine:
         return ended
 
     def _admit(self) -> None:
-        # First come, first served: when the head does not fit, everyone behind it waits too, so a large
-        # request is never starved by a stream of small ones.
-        while self.waiting and len(self.prefilling) + len(self.running) < self.max_seqs:
-            seq = self.waiting[0]
-            pages = self.cache.allocate(len(seq.prompt_ids) + seq.params.max_new_tokens)
-            if pages is None:
+        while self.waiting:  # first come, first served
+            slot = self.cache.allocate()
+            if slot is None:
                 return
-            self.waiting.popleft()
-            seq.pages = pages
+            seq = self.waiting.popleft()
+            seq.slot = slot
             seq.times["admitted"] = time.perf_counter()
             self.prefilling.append(seq)
 
@@ -486,7 +523,7 @@ class Engine:
         each row's last new token."""
         T = max(map(len, new_ids))
         ids = torch.tensor([[0] * (T - len(x)) + x for x in new_ids], device=self.device)
-        batch = PagedBatch(self.cache, [s.pages for s in seqs], [s.num_cached for s in seqs], [len(x) for x in new_ids])
+        batch = SlotBatch(self.cache, [s.slot for s in seqs], [s.num_cached for s in seqs], [len(x) for x in new_ids])
         return prefill(self.model, ids, batch.mask, batch)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
@@ -512,9 +549,10 @@ class Engine:
         return ended
 
     def _end(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
-        """Finish `seq` and give its pages back at once."""
-        self.cache.release(seq.pages)
-        seq.pages = []
+        """Finish `seq` and give its slot back at once."""
+        if seq.slot is not None:
+            self.cache.release(seq.slot)
+            seq.slot = None
         for group in (self.waiting, self.prefilling, self.running):
             if seq in group:
                 group.remove(seq)

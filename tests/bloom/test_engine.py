@@ -63,13 +63,13 @@ def test_greedy_equals_generate_alone_whatever_the_arrivals(lm, seed):
         # Some rows end on an eos id that they really produce, some on the config's, some never.
         eos = rng.choice([(), None, (free[rng.randrange(len(free))],)])
         params.append(GenerationParams(max_new_tokens=n, eos_token_id=eos))
-    engine = Engine(lm, cache_tokens=160, page_size=8, prefill_chunk=16, max_seqs=6)
+    engine = Engine(lm, cache_tokens=4 * 64, max_seq_len=64, prefill_chunk=16)
     seen = {"running": 0, "waiting": 0}
 
     def watch(e):
         seen["running"] = max(seen["running"], len(e.running))
         seen["waiting"] = max(seen["waiting"], len(e.waiting))
-        assert e.stats()["cache_tokens_used"] <= 160
+        assert len(e.running) + len(e.prefilling) <= 4
 
     order = list(range(len(prompts)))
     rng.shuffle(order)
@@ -83,7 +83,7 @@ def test_greedy_equals_generate_alone_whatever_the_arrivals(lm, seed):
     assert seen["running"] >= 3 and seen["waiting"] >= 1  # rows really shared steps, and some had to wait
     assert "eos" in reasons and "length" in reasons
     assert max(map(len, prompts)) > 16  # some prompt was prefilled in several chunks
-    assert engine.stats()["cache_tokens_used"] == 0 and not engine.has_work
+    assert engine.stats()["slots_used"] == 0 and not engine.has_work
 
 
 def test_mixed_sampling_settings_in_one_batch(lm):
@@ -100,7 +100,7 @@ def test_mixed_sampling_settings_in_one_batch(lm):
                          eos_token_id=()),
         GenerationParams(max_new_tokens=15, do_sample=True, seed=14, top_k=1, eos_token_id=()),  # greedy in effect
     ]
-    engine = Engine(lm, cache_tokens=512, page_size=8, prefill_chunk=32)
+    engine = Engine(lm, cache_tokens=512, max_seq_len=64, prefill_chunk=32)
     seqs = engine.generate(prompts, settings)
     for prompt, params, seq in zip(prompts, settings, seqs):
         assert seq.output_ids == alone(lm, prompt, params)[0], params
@@ -124,7 +124,7 @@ def test_stop_strings_and_eos_per_sequence(text_lm, tokenizer):
         stops = (stop,) if len(stop) == 2 and "\ufffd" not in stop and i % 3 != 2 else ()
         eos = (tokens[5],) if i % 3 == 2 else ()
         params.append(GenerationParams(max_new_tokens=20, stop_strings=stops, eos_token_id=eos))
-    engine = Engine(text_lm, tokenizer, cache_tokens=256, page_size=16, prefill_chunk=8)
+    engine = Engine(text_lm, tokenizer, cache_tokens=256, max_seq_len=64, prefill_chunk=8)
     seqs = drive(engine, list(zip(prompts, params)), random.Random(4))
     reasons = []
     for prompt, p, seq in zip(prompts, params, seqs):
@@ -133,39 +133,39 @@ def test_stop_strings_and_eos_per_sequence(text_lm, tokenizer):
         reasons.append(reason)
     assert "stop" in reasons and "eos" in reasons
     with pytest.raises(ValueError, match="tokenizer"):
-        Engine(text_lm, cache_tokens=64).submit([5], GenerationParams(stop_strings=("x",)))
+        Engine(text_lm, cache_tokens=64, max_seq_len=64).submit([5], GenerationParams(stop_strings=("x",)))
 
 
 def test_admission_waits_for_room_and_abort_frees_it(lm):
     rng = random.Random(5)
     a, b = random_prompts(rng, 2, max_len=10)
     long = GenerationParams(max_new_tokens=50, eos_token_id=())
-    engine = Engine(lm, cache_tokens=64, page_size=8)  # room for one of these at a time
+    engine = Engine(lm, cache_tokens=64, max_seq_len=64)  # room for one sequence at a time
     tokens_a = []
     first = engine.submit(a, long, on_token=lambda seq, t: tokens_a.append(t))
     for _ in range(3):
         engine.step()
     second = engine.submit(b, GenerationParams(max_new_tokens=6, eos_token_id=()))
     engine.step()
-    assert list(engine.waiting) == [second] and not second.pages  # no room: it waits, holding nothing
-    assert engine.stats()["cache_tokens_used"] == 64
+    assert list(engine.waiting) == [second] and second.slot is None  # no room: it waits, holding nothing
+    assert engine.stats()["slots_used"] == 1
     engine.abort(first)
     engine.step()  # the abort is taken first thing, and the room goes to the waiting sequence
-    assert first.finished and first.finish_reason == "abort" and not first.pages
+    assert first.finished and first.finish_reason == "abort" and first.slot is None
     assert tokens_a[-1] is None and tokens_a[:-1] == first.output_ids  # the callback was told it ended
     assert list(first.stream()) == first.output_ids == alone(lm, a, long)[0][: len(first.output_ids)]
-    assert second.pages and not engine.waiting
+    assert second.slot == 0 and not engine.waiting
     engine.run()
     assert second.output_ids == alone(lm, b, GenerationParams(max_new_tokens=6, eos_token_id=()))[0]
-    assert engine.stats()["cache_tokens_used"] == 0
+    assert engine.stats()["slots_used"] == 0
 
 
 @pytest.mark.parametrize("prompt_len, max_new, message", [
-    (40, 30, "40 tokens \\+ max_new_tokens 30 = 70 tokens can never fit .* 64 tokens"),
+    (40, 30, "40 tokens \\+ max_new_tokens 30 = 70 tokens can never fit .* slots of 64 tokens"),
     (0, 5, "empty"),
 ])
 def test_a_sequence_that_can_never_fit_is_refused(lm, prompt_len, max_new, message):
-    engine = Engine(lm, cache_tokens=64, page_size=8)
+    engine = Engine(lm, cache_tokens=128, max_seq_len=64)
     with pytest.raises(ValueError, match=message):
         engine.submit([7] * prompt_len, GenerationParams(max_new_tokens=max_new))
     assert not engine.has_work  # nothing half-queued
@@ -179,13 +179,13 @@ def test_a_sequence_that_can_never_fit_is_refused(lm, prompt_len, max_new, messa
 ])
 def test_bad_settings_are_refused_at_submit(lm, params, prompt, message):
     with pytest.raises(ValueError, match=message):
-        Engine(lm, cache_tokens=64).submit(prompt, params)
+        Engine(lm, cache_tokens=64, max_seq_len=64).submit(prompt, params)
 
 
 def test_a_long_prefill_does_not_stall_running_streams(lm):
     rng = random.Random(6)
     short, long_prompt = random_prompts(rng, 1, max_len=5)[0], [rng.randrange(4, 256) for _ in range(100)]
-    engine = Engine(lm, cache_tokens=512, page_size=8, prefill_chunk=16)
+    engine = Engine(lm, cache_tokens=256, max_seq_len=128, prefill_chunk=16)
     running = engine.submit(short, GenerationParams(max_new_tokens=30, eos_token_id=()))
     engine.step()
     late = engine.submit(long_prompt, GenerationParams(max_new_tokens=4, eos_token_id=()))
@@ -202,7 +202,7 @@ def test_a_long_prefill_does_not_stall_running_streams(lm):
 
 
 def test_zero_new_tokens_ends_at_once(lm):
-    engine = Engine(lm, cache_tokens=64)
+    engine = Engine(lm, cache_tokens=64, max_seq_len=64)
     events = []
     seq = engine.submit([5, 6], GenerationParams(max_new_tokens=0), on_token=lambda s, t: events.append(t))
     engine.run()
@@ -217,7 +217,7 @@ def test_threads_submit_stream_and_abort_while_a_background_loop_steps(lm):
     got, errors = {}, []
     victim_started = threading.Event()
 
-    with Engine(lm, cache_tokens=512, page_size=8, prefill_chunk=16) as engine:
+    with Engine(lm, cache_tokens=6 * 256, max_seq_len=256, prefill_chunk=16) as engine:
         def client(i):
             try:
                 seq = engine.submit(prompts[i], settings[i])
@@ -242,7 +242,7 @@ def test_threads_submit_stream_and_abort_while_a_background_loop_steps(lm):
 
 
 def test_a_failing_step_ends_its_sequences_with_the_error(lm, monkeypatch):
-    engine = Engine(lm, cache_tokens=64)
+    engine = Engine(lm, cache_tokens=64, max_seq_len=64)
     seq = engine.submit([5, 6, 7], GenerationParams(max_new_tokens=4))
 
     def broken(*args, **kwargs):
@@ -251,6 +251,25 @@ def test_a_failing_step_ends_its_sequences_with_the_error(lm, monkeypatch):
     monkeypatch.setattr(lm, "forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.step()
-    assert seq.finish_reason == "error" and engine.stats()["cache_tokens_used"] == 0 and not engine.has_work
+    assert seq.finish_reason == "error" and engine.stats()["slots_used"] == 0 and not engine.has_work
     with pytest.raises(RuntimeError, match="generation failed"):
         seq.result()
+
+
+def test_running_sequences_are_kept_in_the_first_slots(lm):
+    """When a sequence ends, a running one moves into its slot (swapping with a prompt being prefilled
+    there), so decoding reads the cache in place; outputs are unchanged by the moves."""
+    rng = random.Random(8)
+    prompts = random_prompts(rng, 3, max_len=8) + [[rng.randrange(4, 256) for _ in range(40)]]
+    lengths = [30, 3, 30, 10]
+    engine = Engine(lm, cache_tokens=3 * 64, max_seq_len=64, prefill_chunk=8)
+    a, b, c = (engine.submit(p, GenerationParams(max_new_tokens=n, eos_token_id=())) for p, n in zip(prompts[:3], lengths))
+    while not b.finished:
+        engine.step()
+    assert (a.slot, b.slot, c.slot) == (0, None, 2)
+    d = engine.submit(prompts[3], GenerationParams(max_new_tokens=lengths[3], eos_token_id=()))
+    engine.step()  # d takes the free slot 1 to prefill, then swaps with c, which decodes in slot 1
+    assert (a.slot, c.slot, d.slot) == (0, 1, 2) and 0 < d.num_cached < 40
+    engine.run()
+    for prompt, seq in zip(prompts, (a, b, c, d)):
+        assert seq.output_ids == alone(lm, prompt, seq.params)[0]
