@@ -215,7 +215,12 @@ def test_threads_submit_stream_and_abort_while_a_background_loop_steps(lm):
     settings = [GenerationParams(max_new_tokens=rng.randint(2, 20), eos_token_id=(),
                                  do_sample=i % 2 == 1, seed=100 + i, top_k=[0, 8][i % 4 // 2]) for i in range(8)]
     got, errors = {}, []
-    victim_started = threading.Event()
+    victim_started, abort_sent = threading.Event(), threading.Event()
+
+    def hold_at_third_token(seq, token):  # on the engine thread: pause it until the abort is in
+        if len(seq.output_ids) == 3:
+            victim_started.set()
+            abort_sent.wait(60)
 
     with Engine(lm, cache_tokens=6 * 256, max_seq_len=256, prefill_chunk=16) as engine:
         def client(i):
@@ -226,17 +231,18 @@ def test_threads_submit_stream_and_abort_while_a_background_loop_steps(lm):
                 errors.append(exc)
 
         victim = engine.submit(prompts[0], GenerationParams(max_new_tokens=200, eos_token_id=()),
-                               on_token=lambda s, t: victim_started.set())
+                               on_token=hold_at_third_token)
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         assert victim_started.wait(60)
         engine.abort(victim)  # from this thread, while the others stream
+        abort_sent.set()
         for t in threads:
             t.join(60)
         victim.result(timeout=60)
     assert not errors
-    assert victim.finish_reason == "abort" and len(victim.output_ids) < 200
+    assert victim.finish_reason == "abort" and len(victim.output_ids) == 3  # ended before the next model call
     for i in range(8):
         assert got[i] == (alone(lm, prompts[i], settings[i])[0], "length"), i
 
