@@ -319,6 +319,12 @@ class Engine:
         on_token(sequence, token) is called on the engine's thread for each new token (finish_reason is set
         on the last), and once with None if the sequence ends without a token (abort, error); keep it short.
         Raises ValueError for bad settings or a sequence that could never fit the cache."""
+        seq = self._sequence(prompt_ids, params, on_token)
+        self._enqueue([seq])
+        return seq
+
+    def _sequence(self, prompt_ids, params: GenerationParams | None, on_token) -> Sequence:
+        """Check a request and build its Sequence (not yet queued)."""
         params = params or GenerationParams()
         cfg = self.model.config
         prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
@@ -339,11 +345,12 @@ class Engine:
         if params.repetition_penalty != 1:
             seen = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor(prompt, device=self.device)] = True
-        seq = Sequence(prompt, params, sampling, stop, eos_ids(cfg, params.eos_token_id), seen, on_token)
+        return Sequence(prompt, params, sampling, stop, eos_ids(cfg, params.eos_token_id), seen, on_token)
+
+    def _enqueue(self, seqs: list[Sequence]) -> None:
         with self._wake:
-            self._inbox.append(("submit", seq))
+            self._inbox.extend(("submit", s) for s in seqs)
             self._wake.notify()
-        return seq
 
     def abort(self, seq: Sequence) -> None:
         """End `seq` with finish_reason "abort"; its slot is freed at the start of the next step."""
@@ -386,7 +393,8 @@ class Engine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"params must be one GenerationParams or one per prompt ({len(prompts)}), got {len(params)}")
-        seqs = [self.submit(p, q) for p, q in zip(prompts, params)]
+        seqs = [self._sequence(p, q, None) for p, q in zip(prompts, params)]  # all checked before any is queued
+        self._enqueue(seqs)
         if self._thread is None:
             self.run()
         for s in seqs:

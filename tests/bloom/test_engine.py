@@ -182,6 +182,13 @@ def test_bad_settings_are_refused_at_submit(lm, params, prompt, message):
         Engine(lm, cache_tokens=64, max_seq_len=64).submit(prompt, params)
 
 
+def test_a_bad_prompt_in_a_list_queues_none_of_them(lm):
+    engine = Engine(lm, cache_tokens=128, max_seq_len=64)
+    with pytest.raises(ValueError, match="can never fit"):
+        engine.generate([[5, 6], [7] * 60, [8]], GenerationParams(max_new_tokens=10))
+    assert not engine.has_work
+
+
 def test_a_long_prefill_does_not_stall_running_streams(lm):
     rng = random.Random(6)
     short, long_prompt = random_prompts(rng, 1, max_len=5)[0], [rng.randrange(4, 256) for _ in range(100)]
