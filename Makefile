@@ -3,7 +3,8 @@
 #   make label  - the main job with your arguments: make label ARGS="--task ner --model ... --input ... --output ..."
 #   make nightly - the nightly job: make nightly ARGS="--config deploy/nightly.yaml" (no ARGS: a demo)
 #   make test   - the test suite
-#   make bench  - benchmarks: the model against the reference (bloom-560m shape), the pipeline against a bare loop
+#   make bench  - benchmarks: the model against the reference (bloom-560m shape), the pipeline against a bare loop,
+#                 the continuous-batching engine against static batches
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -43,6 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_pipeline.py --hidden 1024 --layers 12 --rows 400 --out benchmarks/results/bench_pipeline_1024x12.json
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """BLOOM in plain PyTorch: the reference's API (transformers' BLOOM) with `from bloom import ...`."""
 
 from .config import BloomConfig
+from .engine import Engine, GenerationParams, Sequence
 from .generation import GenerateOutput, KVCache, StreamStep
 from .loading import fast_bf16, resolve_dtype
 from .model import (
@@ -24,6 +25,9 @@ __all__ = [
     "BloomForTokenClassification",
     "BloomForQuestionAnswering",
     "KVCache",
+    "Engine",
+    "GenerationParams",
+    "Sequence",
     "GenerateOutput",
     "StreamStep",
     "fast_bf16",

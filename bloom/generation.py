@@ -1,6 +1,8 @@
 """Generation for BloomForCausalLM: a preallocated KV cache, prefill, one-token decode, sampling.
 
-`generate` and `stream` share one loop (`_decode`); rows of a left-padded batch finish independently,
+The small pieces here are shared by the static batch loop below (`generate`, `stream`) and by the
+continuous-batching engine (`bloom.engine`): `prefill` / `decode_step` run the model, `next_token`
+samples, `finish_reason` decides when a row ends. Rows of a left-padded batch finish independently,
 each with a reason: "eos", "stop" (a stop string appeared) or "length" (max_new_tokens reached).
 """
 
@@ -61,6 +63,21 @@ class KVCache:
         return out
 
 
+# ----------------------------------------------------------------------------- one forward
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompts (B, T) through the model, filling `cache`; attention_mask (B, S) covers the cache
+    and the prompts. Returns the fp32 logits (B, V) of each row's last position."""
+    out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """Feed one token per row, tokens (B,), after the cached ones → fp32 logits (B, V) of the next."""
+    return prefill(model, tokens[:, None], attention_mask, cache)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -74,17 +91,32 @@ def _per_row(value, batch: int, name: str, device) -> torch.Tensor:
 
 @dataclass
 class SamplingParams:
-    """Per-row sampling settings as (B, 1) tensors; built by `generate` from scalars or sequences."""
+    """Per-row sampling settings: (B, 1) tensors, one do_sample flag and one generator per row.
 
-    do_sample: bool
+    Built by `sampling_params` from scalars or sequences; `SamplingParams.cat` stacks the one-row
+    params of the engine's sequences into the batch of a step."""
+
+    do_sample: list[bool]
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     repetition_penalty: torch.Tensor
     generators: list[torch.Generator | None]
 
+    @staticmethod
+    def cat(rows: list["SamplingParams"]) -> "SamplingParams":
+        return SamplingParams(
+            [d for r in rows for d in r.do_sample],
+            *(torch.cat([getattr(r, name) for r in rows]) for name in ("temperature", "top_k", "top_p",
+                                                                      "repetition_penalty")),
+            [g for r in rows for g in r.generators],
+        )
 
-def _sampling_params(batch, device, do_sample, temperature, top_k, top_p, repetition_penalty, seed):
+
+def sampling_params(batch, device, do_sample=False, temperature=1.0, top_k=None, top_p=1.0,
+                    repetition_penalty=1.0, seed=None) -> SamplingParams:
+    """Check the settings and build a SamplingParams for `batch` rows; each setting is a number or one per
+    row, seed an int, None or one per row. Raises ValueError naming the bad setting."""
     params = {
         "temperature": _per_row(temperature, batch, "temperature", device),
         "top_k": _per_row(top_k or 0, batch, "top_k", device),
@@ -110,7 +142,7 @@ def _sampling_params(batch, device, do_sample, temperature, top_k, top_p, repeti
             g = torch.Generator(device=device)
             g.manual_seed(int(s))
         generators.append(g)
-    return SamplingParams(do_sample, generators=generators, **params)
+    return SamplingParams([bool(do_sample)] * batch, generators=generators, **params)
 
 
 def _apply_repetition_penalty(logits, seen, penalty):
@@ -120,30 +152,81 @@ def _apply_repetition_penalty(logits, seen, penalty):
     return torch.where(seen, penalised, logits)
 
 
-def next_token(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, V) fp32 logits of the last position → (B,) token ids, greedy or sampled.
+def next_token(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
+    """(B, V) fp32 logits of the last position → (B,) token ids, greedy or sampled per row.
 
-    Order as the reference: repetition penalty, then temperature, top-k, top-p."""
-    if (p.repetition_penalty != 1).any():
+    seen: (B, V) bool, the tokens of each row so far (None when no row has a repetition penalty).
+    Order as the reference: repetition penalty, then temperature, top-k, top-p. Only sampled rows draw
+    from their generator, so a row's draws never depend on its neighbours."""
+    if seen is not None and (p.repetition_penalty != 1).any():
         logits = _apply_repetition_penalty(logits, seen, p.repetition_penalty)
-    if not p.do_sample:
-        return logits.argmax(-1)
-    logits = logits / p.temperature
+    greedy = logits.argmax(-1)
+    sampled_rows = [i for i, d in enumerate(p.do_sample) if d]
+    if not sampled_rows:
+        return greedy
+    rows = torch.tensor(sampled_rows, device=logits.device)
+    logits = logits[rows] / p.temperature[rows]
     sorted_logits, order = logits.sort(-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)[None]
-    k = torch.where(p.top_k > 0, p.top_k, float(logits.shape[-1]))
-    drop = rank >= k
+    top_k = p.top_k[rows]
+    drop = rank >= torch.where(top_k > 0, top_k, float(logits.shape[-1]))
     # top-p keeps the smallest set of tokens whose probability reaches p (at least one token).
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    drop |= (probs.cumsum(-1) - probs) >= p.top_p
+    drop |= (probs.cumsum(-1) - probs) >= p.top_p[rows]
     drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(p.generators)]
-    return order.gather(-1, torch.stack(picks)).squeeze(-1)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    picks = [torch.multinomial(probs[j], 1, generator=p.generators[i]) for j, i in enumerate(sampled_rows)]
+    return greedy.index_copy(0, rows, order.gather(-1, torch.stack(picks)).squeeze(-1))
 
 
-# ----------------------------------------------------------------------------- the decode loop
+# ----------------------------------------------------------------------------- when a row ends
+
+
+class StopStrings:
+    """Detects stop strings in one row's generated text by decoding only a tail window of its tokens."""
+
+    def __init__(self, stop_strings: str | Sequence[str] | None, tokenizer):
+        self.stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if self.stops and tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer= argument to read the generated text")
+        if any(not isinstance(s, str) or not s for s in self.stops):
+            raise ValueError("stop_strings must be non-empty strings")
+        self.tokenizer = tokenizer
+        # Each token is at least one byte and a character at most four, so this window holds any stop string.
+        self.window = 4 * max((len(s) for s in self.stops), default=0) + 4
+        self.tokens: list[int] = []
+
+    def hit(self, token: int) -> bool:
+        if not self.stops:
+            return False
+        self.tokens.append(token)
+        tail = self.tokenizer.decode(self.tokens[-self.window :])
+        return any(s in tail for s in self.stops)
+
+
+def eos_ids(config, eos_token_id) -> tuple[int, ...]:
+    """The end-of-sequence ids: `eos_token_id` (an int or several; [] for none) or, when None, the config's."""
+    eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+    return tuple([eos] if isinstance(eos, int) else list(eos or []))
+
+
+def finish_reason(token: int, num_new: int, max_new_tokens: int, eos: tuple[int, ...], stop: StopStrings) -> str | None:
+    """Why a row ends after producing `token` as its num_new-th new token: "eos", "stop", "length", or None."""
+    if token in eos:
+        return "eos"
+    if stop.hit(token):
+        return "stop"
+    if num_new >= max_new_tokens:
+        return "length"
+    return None
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+
+
+# ----------------------------------------------------------------------------- the static batch loop
 
 
 @dataclass
@@ -166,26 +249,18 @@ class StreamStep:
     finish_reason: list[str | None]
 
 
-class _StopStrings:
-    """Detects stop strings in each row's generated text by decoding only a tail window of tokens."""
-
-    def __init__(self, stop_strings, tokenizer, batch):
-        self.stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-        if self.stops and tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer= argument to read the generated text")
-        if any(not isinstance(s, str) or not s for s in self.stops):
-            raise ValueError("stop_strings must be non-empty strings")
-        self.tokenizer = tokenizer
-        # Each token is at least one byte and a character at most four, so this window holds any stop string.
-        self.window = 4 * max((len(s) for s in self.stops), default=0) + 4
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
-
-    def hit(self, row: int, token: int) -> bool:
-        if not self.stops:
-            return False
-        self.tokens[row].append(token)
-        tail = self.tokenizer.decode(self.tokens[row][-self.window :])
-        return any(s in tail for s in self.stops)
+def _prompts(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a left-padded prompt batch; return input_ids and mask (B, T) on the embedding's device."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, seq_len) with seq_len > 0, got {tuple(input_ids.shape)}")
+    device = model.get_input_embeddings().weight.device
+    input_ids = input_ids.to(device)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device, torch.long)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    if (mask.sum(-1) == 0).any():
+        raise ValueError("every row needs at least one real token (an all-padding row was given)")
+    return input_ids, mask
 
 
 @torch.inference_mode()
@@ -205,59 +280,42 @@ def _decode(
     stop_strings: str | Sequence[str] | None = None,
     tokenizer=None,
 ) -> Iterator[StreamStep]:
+    """All rows start together and the batch runs until its last row ends; finished rows get pad."""
     cfg = model.config
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, seq_len) with seq_len > 0, got {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    device = model.get_input_embeddings().weight.device
-    input_ids = input_ids.to(device)
+    input_ids, mask = _prompts(model, input_ids, attention_mask)
+    check_max_new_tokens(max_new_tokens)
     B, T = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device, torch.long)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
-    if (mask.sum(-1) == 0).any():
-        raise ValueError("every row needs at least one real token (an all-padding row was given)")
-    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=device)
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
-    pad = 0 if pad is None else pad
-    params = _sampling_params(B, device, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
-    stops = _StopStrings(stop_strings, tokenizer, B)
-
-    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+    device = input_ids.device
+    eos = eos_ids(cfg, eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    if pad is None:  # no pad token: pad with the (first) end-of-sequence id, else 0
+        pad = eos[0] if eos else 0
+    params = sampling_params(B, device, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+    stops = [StopStrings(stop_strings, tokenizer) for _ in range(B)]
+    seen = None
     if (params.repetition_penalty != 1).any():  # padding is not part of the text, so it is not penalised
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.masked_fill(mask == 0, 0), mask.bool())
+    if max_new_tokens == 0:
+        return
     reasons: list[str | None] = [None] * B
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(cfg.n_layer, capacity=T + max_new_tokens)
     # The mask for every step at once: step k attends to the prompt and the k tokens before it.
     full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
-    step_ids = input_ids
+    logits = prefill(model, input_ids, mask, cache)
     for step in range(max_new_tokens):
-        logits = model(step_ids, past_key_values=cache, attention_mask=full_mask[:, : T + step], use_cache=True,
-                       logits_to_keep=1).logits
-        token = next_token(logits[:, -1].float(), seen, params)
-        token = token.masked_fill(done, pad)
-        active = ~done
-        seen[torch.arange(B, device=device), token] |= active
-        finished_eos = active & torch.isin(token, eos_ids)
+        active = torch.tensor([r is None for r in reasons], device=device)
+        token = next_token(logits, seen, params).masked_fill(~active, pad)
+        if seen is not None:
+            seen[torch.arange(B, device=device), token] |= active
         # The step's one device-to-host copy: the finish checks (and stop strings) need the tokens.
-        host_tokens, host_eos = torch.stack([token, finished_eos.to(token.dtype)]).tolist()
-        for row in range(B):
-            if reasons[row] is not None:
-                continue
-            if host_eos[row]:
-                reasons[row] = "eos"
-            elif stops.hit(row, host_tokens[row]):
-                reasons[row] = "stop"
-            elif step == max_new_tokens - 1:
-                reasons[row] = "length"
+        for row, t in enumerate(token.tolist()):
+            if reasons[row] is None:
+                reasons[row] = finish_reason(t, step + 1, max_new_tokens, eos, stops[row])
         yield StreamStep(token, active, list(reasons))
         if all(r is not None for r in reasons):
             return
-        done = torch.tensor([r is not None for r in reasons], device=device)
-        step_ids = token[:, None]
+        logits = decode_step(model, token, full_mask[:, : T + step + 1], cache)
 
 
 class GenerationMixin:

@@ -310,7 +310,9 @@ class BloomModel(BloomPreTrainedModel):
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.word_embeddings(input_ids)
         B, T, _ = inputs_embeds.shape
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+        # Any object with KVCache's surface (length, update, advance) serves as the cache: the engine passes
+        # a view of its paged cache (bloom.engine.PagedBatch) that gives each row its own keys and length.
+        if past_key_values is not None and not callable(getattr(past_key_values, "update", None)):
             raise TypeError(
                 f"past_key_values must be a bloom.KVCache, got {type(past_key_values).__name__} "
                 "(it is the second positional argument: pass attention_mask by keyword)"

@@ -1,0 +1,575 @@
+"""Continuous batching for BloomForCausalLM: sequences join and leave a running batch between decode steps.
+
+A request is a `Sequence`: its prompt ids, its own `GenerationParams` (max_new_tokens, sampling, seed,
+stop strings, eos) and its output, streamed token by token. `Engine.step()` does one round:
+
+  1. take new sequences and aborts (an aborted sequence's slot is freed here, before any model call);
+  2. admit waiting sequences in arrival order while a cache slot is free;
+  3. prefill: feed up to `prefill_chunk` prompt tokens (several short prompts in one forward, or the next
+     chunk of a long one), so a long prompt delays the running streams by one chunk per step, not by
+     its whole prefill; a prompt whose last chunk went in gets its first token this step;
+  4. decode: one token for every running sequence, in one forward;
+  5. sample every row of the step in one call (each with its own settings and generator), finish rows
+     on eos, a stop string or their own max_new_tokens, and free their slot at once.
+
+The KV cache (`SlotKVCache`) is allocated once: `cache_tokens // max_seq_len` slots of `max_seq_len`
+tokens, per layer. A sequence takes a slot when it is admitted, so it never runs out of room while it
+runs (no preemption, no recomputation), and gives it back the moment it ends. Running sequences are kept
+in the first slots (a finished one's hole is filled by moving another in), so a decode step attends over
+a view of the cache, with no copy. A forward sees its rows through `SlotBatch`, in layouts the model
+already handles: ALiBi positions and the causal mask come from each row's own length.
+Why slots and not pages: pages would fit more short sequences in the same memory, but without a paged
+attention kernel every decode step must first gather each row's keys and values into one tensor; on
+CPU that copy made a first paged version of this engine 2.2x slower than the static path in
+benchmarks/bench_engine.py, where slots are faster than it.
+
+Knobs (constructor arguments):
+  cache_tokens   the KV cache budget in tokens (memory: 2 · n_layer · cache_tokens · hidden_size · dtype
+                 bytes); with max_seq_len it sets how many sequences run at once (the decode batch).
+  max_seq_len    the most tokens one sequence may hold, prompt + max_new_tokens (a slot's size).
+  prefill_chunk  prompt tokens per step, padding included (default 256): smaller keeps the running
+                 streams' time per token steadier while prompts arrive, larger prefills faster.
+
+Guarantees:
+  - Greedy output of a sequence is token for token `model.generate` on its prompt alone, whatever
+    joins or leaves around it (tested in float32; bf16 matmuls may round differently per batch shape).
+  - A sequence with a seed samples from its own generator, drawn only by it: the same tokens as
+    `model.generate(prompt, do_sample=True, seed=[seed])`, whatever the batch holds.
+  - Memory never grows after construction. When the cache is full, new sequences wait (first come,
+    first served); one that could never fit is refused by `submit` with a ValueError naming the sizes.
+  - `submit` and `abort` are safe from any thread. The model runs only inside `step()`, one caller at a
+    time; `start()` runs the steps on a background thread (or call `step()` / `run()` yourself).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .generation import (
+    SamplingParams,
+    StopStrings,
+    check_max_new_tokens,
+    eos_ids,
+    finish_reason,
+    next_token,
+    prefill,
+    sampling_params,
+)
+
+logger = logging.getLogger("bloom")
+
+# ----------------------------------------------------------------------------- the KV cache
+
+
+class SlotKVCache:
+    """Keys and values of every layer, allocated once: (num_slots, H, max_seq_len, D) per layer, each on its
+    layer's device. A sequence holds one slot (its prompt and new tokens at positions 0, 1, 2, ...) from
+    admission to its end; `allocate` and `release` hand slots out and take them back."""
+
+    def __init__(self, model, cache_tokens: int, max_seq_len: int):
+        if max_seq_len < 1 or cache_tokens < max_seq_len:
+            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one sequence of max_seq_len "
+                             f"({max_seq_len}) tokens")
+        cfg = model.config
+        self.max_seq_len = max_seq_len
+        self.num_slots = cache_tokens // max_seq_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for block in model.transformer.h:
+            w = block.input_layernorm.weight  # never packed, so it names the layer's device and dtype
+            shape = (self.num_slots, cfg.n_head, max_seq_len, cfg.head_dim)
+            # Zeros, not empty: a forward also reads positions it masks out, whose probability is then exactly
+            # 0, and 0 × value must stay 0 (uninitialised memory may hold NaN).
+            self.keys.append(torch.zeros(shape, dtype=w.dtype, device=w.device))
+            self.values.append(torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self._free = list(range(self.num_slots))
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the cache holds in all."""
+        return self.num_slots * self.max_seq_len
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int | None:
+        """A free slot (the lowest), or None when all are taken."""
+        if not self._free:
+            return None
+        self._free.sort()
+        return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def take(self, slot: int, instead_of: int) -> None:
+        """Hold the free `slot` and free `instead_of` (a sequence moved between them)."""
+        self._free.remove(slot)
+        self._free.append(instead_of)
+
+    def move(self, src: int, dst: int, n: int, n_dst: int = 0) -> None:
+        """Copy the first n tokens of slot src into slot dst; with n_dst, dst's first n_dst go to src (a swap)."""
+        for buf in self.keys + self.values:
+            held = buf[dst, :, :n_dst].clone()
+            buf[dst, :, :n] = buf[src, :, :n]
+            buf[src, :, :n_dst] = held
+
+
+class SlotBatch:
+    """One forward's view of the slot cache, passed to the model as its `past_key_values`.
+
+    Row i (slot slots[i]) has c_i cached and n_i new tokens. The new tokens' keys and values are written at
+    positions c_i ... c_i + n_i - 1 of the row's slot; what the model attends over comes in one of two layouts
+    that BloomModel's mask and ALiBi code already handle (its new tokens are the last T columns):
+
+      - in place, when the rows are consecutive slots and either one token each (decode) or one row: a
+        view of the cache, no copy. Rows are right-padded to S = max(c_i + n_i); a single new query at
+        the last column sees exactly its row's c_i + 1 tokens through the mask.
+      - gathered, otherwise (prefill chunks of several prompts): a left-padded copy,
+        [ c_i cached | gap to C | padding | n_i new ] of S = C + T columns, C = max c_i, T = max n_i.
+
+    Either way `mask` (B, S) is 1 exactly on each row's own tokens, so its ALiBi positions (the mask's
+    cumulative sum) run 0, 1, 2, ... and its queries see only its tokens. The engine keeps its running
+    sequences in slots 0 .. R-1 so that decoding, the step that runs every time, takes the view."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], cached: list[int], new: list[int]):
+        B, T = len(slots), max(new)
+        device = cache.keys[0].device
+        self.cache = cache
+        self.slots = torch.tensor(slots, device=device)
+        c, n = (torch.tensor(x, device=device)[:, None] for x in (cached, new))
+        self.in_place = slots == list(range(slots[0], slots[0] + B)) and (B == 1 or T == 1)
+        if self.in_place:
+            self.first, self.end = slots[0], max(ci + ni for ci, ni in zip(cached, new))
+            self.length = self.end - T
+            self.mask = (torch.arange(self.end, device=device) < c + n).long()
+        else:
+            self.length = C = max(cached)
+            column = torch.arange(C + T, device=device)
+            self.mask = ((column < c) | (column >= C + T - n)).long()
+        t = torch.arange(T, device=device)
+        self.new_real = t >= T - n  # (B, T): which new columns are real tokens, not left padding
+        self.write_slot = self.slots[:, None].expand(B, T)[self.new_real]
+        self.write_pos = (c + t - (T - n))[self.new_real]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the real new tokens of k, v (B, H, T, D) in their slots; return the keys and values to
+        attend over, (B, H, S, D), in one of the layouts above."""
+        out = []
+        for buf, new in ((self.cache.keys[layer], k), (self.cache.values[layer], v)):
+            dev = buf.device
+            buf[self.write_slot.to(dev), :, self.write_pos.to(dev)] = new.transpose(1, 2)[self.new_real.to(dev)]
+            if self.in_place:
+                out.append(buf[self.first : self.first + len(self.slots), :, : self.end])
+            else:
+                old = buf[:, :, : self.length].index_select(0, self.slots.to(dev))  # (B, H, C, D)
+                out.append(torch.cat([old, new], 2))
+        return out[0], out[1]
+
+    def advance(self, n: int) -> None:
+        """The model calls this after a forward; the engine keeps each sequence's length itself."""
+
+
+# ----------------------------------------------------------------------------- one request
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One sequence's settings, as `model.generate`'s arguments for one row.
+
+    top_k 0 and top_p 1 disable them; seed None samples from torch's global generator; eos_token_id None
+    means the model config's, an empty tuple none; stop_strings need the engine's tokenizer."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    eos_token_id: int | tuple[int, ...] | None = None
+
+
+_END = object()  # the last item of a sequence's token queue
+_ids = itertools.count()
+
+
+class Sequence:
+    """One request: its prompt, settings and output, and the state the engine keeps for it.
+
+    Read by the caller: `output_ids` (new tokens so far), `finish_reason` ("eos", "stop", "length",
+    "abort", "error"; None while running), `error`, `finished`, and `times` (perf_counter seconds at
+    "submitted", "admitted", "first_token", "finished"). Iterate `stream()` for the tokens as they come,
+    or wait with `result()`; both work from any thread."""
+
+    def __init__(self, prompt_ids: list[int], params: GenerationParams, sampling: SamplingParams, stop: StopStrings,
+                 eos: tuple[int, ...], seen: torch.Tensor | None, on_token: Callable | None):
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.times: dict[str, float] = {"submitted": time.perf_counter()}
+        # Engine-side state: the sampling row (with this sequence's own generator), stop-string window,
+        # eos ids, tokens seen (for the repetition penalty), its cache slot and how many tokens it holds.
+        self.sampling, self.stop, self.eos, self.seen = sampling, stop, eos, seen
+        self.slot: int | None = None
+        self.num_cached = 0
+        self._on_token = on_token
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.id}, prompt={len(self.prompt_ids)} tokens, new={len(self.output_ids)}, "
+                f"finish_reason={self.finish_reason!r})")
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """The new token ids as they are generated (one consumer); ends when the sequence ends, raising
+        RuntimeError if the engine failed. timeout: seconds to wait for each token (queue.Empty after)."""
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is _END:
+                self._raise_error()
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Wait for the sequence to end; its new token ids. TimeoutError after `timeout` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"sequence {self.id} still running after {timeout} s")
+        self._raise_error()
+        return list(self.output_ids)
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"generation failed for sequence {self.id}: {self.error}") from self.error
+
+    def _emit(self, token: int, reason: str | None) -> None:
+        """Called by the engine with each new token; finish_reason is set first, so a callback sees it."""
+        self.output_ids.append(token)
+        self.finish_reason = reason
+        self.times.setdefault("first_token", time.perf_counter())
+        self._queue.put(token)
+        if self._on_token is not None:
+            self._on_token(self, token)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        untold = self.finish_reason is None  # no token event carried the end (abort, error, max_new_tokens=0)
+        self.finish_reason, self.error = reason, error
+        self.times["finished"] = time.perf_counter()
+        self._queue.put(_END)
+        self._done.set()
+        if self._on_token is not None and untold:
+            try:
+                self._on_token(self, None)
+            except Exception:  # the sequence has ended anyway; a callback must not stop the engine
+                logger.exception("on_token callback failed for sequence %d", self.id)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Continuous batching over one BloomForCausalLM (see the module docstring for knobs and guarantees).
+
+    Synchronous: `submit(...)` then `run()` (or `step()` in your own loop), or `generate(prompts, params)`.
+    Threaded: `start()` (or `with engine:`) runs the steps on a background thread; `submit` and `abort`
+    from any thread; `stop()` ends the thread and aborts what is left."""
+
+    def __init__(self, model, tokenizer=None, *, cache_tokens: int = 8192, max_seq_len: int = 1024,
+                 prefill_chunk: int = 256):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer  # for stop strings
+        self.prefill_chunk = prefill_chunk
+        self.device = model.get_input_embeddings().weight.device
+        self.cache = SlotKVCache(model, cache_tokens, max_seq_len)
+        self.waiting: deque[Sequence] = deque()  # submitted, no slot yet
+        self.prefilling: list[Sequence] = []  # slot held, prompt partly cached
+        self.running: list[Sequence] = []  # prompt cached, one token per step
+        self._inbox: deque[tuple[str, Sequence]] = deque()  # ("submit" | "abort", sequence) from any thread
+        self._wake = threading.Condition()  # guards _inbox and _stopping
+        self._step_lock = threading.Lock()  # one step at a time: the model runs on one thread
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- any thread
+
+    def submit(self, prompt_ids, params: GenerationParams | None = None,
+               on_token: Callable[[Sequence, int | None], None] | None = None) -> Sequence:
+        """Queue a prompt (a list or 1-D tensor of token ids) for generation; returns its Sequence at once.
+
+        on_token(sequence, token) is called on the engine's thread for each new token (finish_reason is set
+        on the last), and once with None if the sequence ends without a token (abort, error); keep it short.
+        Raises ValueError for bad settings or a sequence that could never fit the cache."""
+        seq = self._sequence(prompt_ids, params, on_token)
+        self._enqueue([seq])
+        return seq
+
+    def _sequence(self, prompt_ids, params: GenerationParams | None, on_token) -> Sequence:
+        """Check a request and build its Sequence (not yet queued)."""
+        params = params or GenerationParams()
+        cfg = self.model.config
+        prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
+        if not prompt:
+            raise ValueError("the prompt is empty: a sequence needs at least one prompt token")
+        if not all(0 <= t < cfg.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {min(prompt)}..{max(prompt)}")
+        check_max_new_tokens(params.max_new_tokens)
+        need = len(prompt) + params.max_new_tokens
+        if need > self.cache.max_seq_len:
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} = {need} tokens can never "
+                f"fit the engine's KV cache slots of {self.cache.max_seq_len} tokens (max_seq_len)")
+        sampling = sampling_params(1, self.device, params.do_sample, params.temperature, params.top_k,
+                                   params.top_p, params.repetition_penalty, params.seed)
+        stop = StopStrings(params.stop_strings, self.tokenizer)
+        seen = None
+        if params.repetition_penalty != 1:
+            seen = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=self.device)
+            seen[torch.tensor(prompt, device=self.device)] = True
+        return Sequence(prompt, params, sampling, stop, eos_ids(cfg, params.eos_token_id), seen, on_token)
+
+    def _enqueue(self, seqs: list[Sequence]) -> None:
+        with self._wake:
+            self._inbox.extend(("submit", s) for s in seqs)
+            self._wake.notify()
+
+    def abort(self, seq: Sequence) -> None:
+        """End `seq` with finish_reason "abort"; its slot is freed at the start of the next step."""
+        with self._wake:
+            self._inbox.append(("abort", seq))
+            self._wake.notify()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.prefilling or self.running)
+
+    def stats(self) -> dict:
+        """Sequences waiting and holding slots, and cache use (a snapshot, for metrics)."""
+        held = self.prefilling + self.running
+        return {"waiting": len(self.waiting) + len(self._inbox), "prefilling": len(self.prefilling),
+                "running": len(self.running), "slots": self.cache.num_slots,
+                "slots_used": self.cache.num_slots - self.cache.free_slots,
+                "cache_tokens": self.cache.capacity, "cache_tokens_held": sum(s.num_cached for s in held)}
+
+    # -- driving it
+
+    def step(self) -> list[Sequence]:
+        """One round (see the module docstring). Returns the sequences that ended during it. If the model
+        raises, every sequence in the engine ends with finish_reason "error" and the exception propagates."""
+        with self._step_lock, torch.inference_mode():
+            try:
+                return self._step()
+            except BaseException as exc:
+                self._end_all("error", exc)
+                raise
+
+    def run(self) -> None:
+        """Step until every submitted sequence has ended (synchronous use: no background thread)."""
+        while self.has_work:
+            self.step()
+
+    def generate(self, prompts, params: GenerationParams | list[GenerationParams] | None = None) -> list[Sequence]:
+        """Submit every prompt (each a list of ids) and wait for all; their Sequences in prompt order.
+        params: one for all or one per prompt. Steps here, or waits for the background thread if started."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params must be one GenerationParams or one per prompt ({len(prompts)}), got {len(params)}")
+        seqs = [self._sequence(p, q, None) for p, q in zip(prompts, params)]  # all checked before any is queued
+        self._enqueue(seqs)
+        if self._thread is None:
+            self.run()
+        for s in seqs:
+            s.result()
+        return seqs
+
+    def start(self) -> "Engine":
+        """Run the steps on a background thread until stop()."""
+        if self._thread is not None:
+            raise RuntimeError("the engine's background thread is already running")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="bloom-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the background thread after its current step; sequences still in the engine end with "abort"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._step_lock:
+            self._end_all("abort")
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.has_work:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # the step already ended its sequences with the error; serve the next ones
+                logger.exception("engine step failed")
+
+    # -- one step (engine thread only)
+
+    def _step(self) -> list[Sequence]:
+        ended = self._take_inbox()
+        self._admit()
+        rows, logits = [], []  # the sequences that get a token this step, and their next-token logits
+        plan = self._plan_prefill()
+        if plan:
+            seqs = [s for s, _ in plan]
+            out = self._forward(seqs, [s.prompt_ids[s.num_cached : s.num_cached + n] for s, n in plan])
+            for s, n in plan:
+                s.num_cached += n
+            complete = [i for i, s in enumerate(seqs) if s.num_cached == len(s.prompt_ids)]
+            rows += [seqs[i] for i in complete]
+            logits.append(out[complete])
+        self._compact()
+        decoding = list(self.running)
+        if decoding:
+            logits.append(self._forward(decoding, [[s.output_ids[-1]] for s in decoding]))
+            for s in decoding:
+                s.num_cached += 1
+            rows += decoding
+        if rows:
+            ended += self._sample(rows, torch.cat(logits))
+        for s in [s for s in self.prefilling if s.num_cached == len(s.prompt_ids)]:
+            self.prefilling.remove(s)
+            self.running.append(s)
+        return ended
+
+    def _compact(self) -> None:
+        """Move running sequences into slots 0 .. R-1 (R running), in slot order, so that the decode step
+        reads the cache in place. Each move copies one sequence's tokens once, where a gathered decode
+        would copy every row's tokens at every step."""
+        R = len(self.running)
+        owner = {s.slot: s for s in self.prefilling}
+        holes = iter(sorted(set(range(R)) - {s.slot for s in self.running}))
+        for seq in [s for s in self.running if s.slot >= R]:
+            hole = next(holes)
+            other = owner.get(hole)  # a prefilling sequence there swaps places; a free slot is taken
+            self.cache.move(seq.slot, hole, seq.num_cached, other.num_cached if other else 0)
+            if other is not None:
+                other.slot = seq.slot
+            else:
+                self.cache.take(hole, seq.slot)
+            seq.slot = hole
+        self.running.sort(key=lambda s: s.slot)
+
+    def _take_inbox(self) -> list[Sequence]:
+        with self._wake:
+            items = list(self._inbox)
+            self._inbox.clear()
+        ended = []
+        for kind, seq in items:
+            if seq.finished:
+                continue
+            if kind == "abort":
+                self._end(seq, "abort")
+                ended.append(seq)
+            elif seq.params.max_new_tokens == 0:  # nothing to generate: as generate, it stops for length
+                self._end(seq, "length")
+                ended.append(seq)
+            else:
+                self.waiting.append(seq)
+        return ended
+
+    def _admit(self) -> None:
+        while self.waiting:  # first come, first served
+            slot = self.cache.allocate()
+            if slot is None:
+                return
+            seq = self.waiting.popleft()
+            seq.slot = slot
+            seq.times["admitted"] = time.perf_counter()
+            self.prefilling.append(seq)
+
+    def _plan_prefill(self) -> list[tuple[Sequence, int]]:
+        """(sequence, prompt tokens to feed) for this step: rows × the longest chunk stays within
+        prefill_chunk, the first prompt in line always gets min(what is left, prefill_chunk)."""
+        plan, width = [], 0
+        for seq in self.prefilling:
+            n = min(len(seq.prompt_ids) - seq.num_cached, self.prefill_chunk)
+            if plan and (len(plan) + 1) * max(width, n) > self.prefill_chunk:
+                break
+            plan.append((seq, n))
+            width = max(width, n)
+        return plan
+
+    def _forward(self, seqs: list[Sequence], new_ids: list[list[int]]) -> torch.Tensor:
+        """Feed each sequence its new tokens (left-padded into one (B, T) batch) → fp32 logits (B, V) of
+        each row's last new token."""
+        T = max(map(len, new_ids))
+        ids = torch.tensor([[0] * (T - len(x)) + x for x in new_ids], device=self.device)
+        batch = SlotBatch(self.cache, [s.slot for s in seqs], [s.num_cached for s in seqs], [len(x) for x in new_ids])
+        return prefill(self.model, ids, batch.mask, batch)
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        params = SamplingParams.cat([s.sampling for s in rows])
+        seen = None
+        if any(s.seen is not None for s in rows):
+            none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen = torch.stack([none if s.seen is None else s.seen for s in rows])
+        ended = []
+        for s, token in zip(rows, next_token(logits, seen, params).tolist()):
+            if s.seen is not None:
+                s.seen[token] = True
+            reason = finish_reason(token, len(s.output_ids) + 1, s.params.max_new_tokens, s.eos, s.stop)
+            try:
+                s._emit(token, reason)
+            except Exception as exc:  # a failing callback ends its own sequence, not the batch
+                logger.exception("on_token callback failed for sequence %d", s.id)
+                reason = "error"
+                s.error = exc
+            if reason is not None:
+                self._end(s, reason, s.error)
+                ended.append(s)
+        return ended
+
+    def _end(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        """Finish `seq` and give its slot back at once."""
+        if seq.slot is not None:
+            self.cache.release(seq.slot)
+            seq.slot = None
+        for group in (self.waiting, self.prefilling, self.running):
+            if seq in group:
+                group.remove(seq)
+        seq._finish(reason, error)
+
+    def _end_all(self, reason: str, error: BaseException | None = None) -> None:
+        with self._wake:
+            pending = [s for _, s in self._inbox]
+            self._inbox.clear()
+        for seq in pending + list(self.waiting) + list(self.prefilling) + list(self.running):
+            if not seq.finished:
+                self._end(seq, reason, error)
