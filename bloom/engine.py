@@ -309,6 +309,8 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time: the model runs on one thread
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.ended: dict[str, int] = {}  # sequences ended so far, by finish_reason
+        self.steps = self.rows_stepped = 0  # steps with a forward, and the rows they fed (mean occupancy)
 
     # -- any thread
 
@@ -368,7 +370,8 @@ class Engine:
         return {"waiting": len(self.waiting) + len(self._inbox), "prefilling": len(self.prefilling),
                 "running": len(self.running), "slots": self.cache.num_slots,
                 "slots_used": self.cache.num_slots - self.cache.free_slots,
-                "cache_tokens": self.cache.capacity, "cache_tokens_held": sum(s.num_cached for s in held)}
+                "cache_tokens": self.cache.capacity, "cache_tokens_held": sum(s.num_cached for s in held),
+                "ended": dict(self.ended), "mean_rows_per_step": self.rows_stepped / self.steps if self.steps else 0.0}
 
     # -- driving it
 
@@ -401,12 +404,18 @@ class Engine:
             s.result()
         return seqs
 
-    def start(self) -> "Engine":
-        """Run the steps on a background thread until stop()."""
+    @property
+    def started(self) -> bool:
+        """Whether a background thread runs the steps."""
+        return self._thread is not None
+
+    def start(self, on_start: Callable[[], None] | None = None) -> "Engine":
+        """Run the steps on a background thread until stop(). on_start() runs first on that thread (e.g.
+        torch.set_num_threads: OpenMP's thread count belongs to each thread)."""
         if self._thread is not None:
             raise RuntimeError("the engine's background thread is already running")
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="bloom-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(on_start,), name="bloom-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -427,7 +436,9 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _loop(self) -> None:
+    def _loop(self, on_start: Callable[[], None] | None = None) -> None:
+        if on_start is not None:
+            on_start()
         while True:
             with self._wake:
                 while not self._stopping and not self.has_work:
@@ -462,6 +473,7 @@ class Engine:
                 s.num_cached += 1
             rows += decoding
         if rows:
+            self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(rows)
             ended += self._sample(rows, torch.cat(logits))
         for s in [s for s in self.prefilling if s.num_cached == len(s.prompt_ids)]:
             self.prefilling.remove(s)
@@ -561,6 +573,7 @@ class Engine:
         if seq.slot is not None:
             self.cache.release(seq.slot)
             seq.slot = None
+        self.ended[reason] = self.ended.get(reason, 0) + 1
         for group in (self.waiting, self.prefilling, self.running):
             if seq in group:
                 group.remove(seq)

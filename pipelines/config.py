@@ -62,11 +62,17 @@ class LabelConfig:
     num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     num_cpus_per_actor: float | None = None  # None: 1 with GPUs; CPU-only: the cluster's CPUs minus one, split
     batch_token_budget: int = 8192  # padded tokens per forward
+    # generate runs on a continuous-batching engine (bloom.engine): its KV cache, allocated once, holds
+    # cache_tokens tokens (None: batch_token_budget) in slots of max_input_tokens + max_new_tokens each;
+    # new prompts are prefilled prefill_chunk tokens per step.
+    cache_tokens: int | None = None
+    prefill_chunk: int = 256
     rows_per_batch: int = 256  # rows handed to an actor at a time
 
     RESOURCE_FIELDS = frozenset({
         "input", "output", "overwrite", "dtype", "device_map", "num_actors", "min_actors",
         "num_gpus_per_actor", "num_cpus_per_actor", "batch_token_budget", "rows_per_batch",
+        "cache_tokens", "prefill_chunk",
         "max_errored_rows", "max_errored_fraction",
     })
 
@@ -82,9 +88,12 @@ class LabelConfig:
         TASKS[self.task].check_settings(self)  # the task's parameters, within the bounds a request has
         if self.too_long not in ("error", "truncate"):
             raise ValueError(f"too_long must be 'error' or 'truncate', got {self.too_long!r}")
-        for name in ("max_input_tokens", "batch_token_budget", "rows_per_batch", "min_actors", "max_text_chars"):
+        for name in ("max_input_tokens", "batch_token_budget", "rows_per_batch", "prefill_chunk", "min_actors",
+                     "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.cache_tokens is not None and self.cache_tokens < 1:
+            raise ValueError(f"cache_tokens must be positive, got {self.cache_tokens!r}")
         if self.num_actors is not None and self.num_actors < self.min_actors:
             raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
         if "stride" in TASKS[self.task].settings and not 0 <= self.stride < self.max_input_tokens // 2:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 import bloom
+from bloom.engine import Engine
 from bloom.loading import missing_heads
 
 from .config import LabelConfig
@@ -98,9 +100,12 @@ class BloomReplica:
     """Holds one model for `config.task`; `replica(table) -> table` labels a batch.
 
     device: where the model lives (default: CUDA when visible, else CPU); config.device_map, when set,
-    spreads it over the visible devices instead. num_threads: torch's CPU threads for this replica."""
+    spreads it over the visible devices instead. num_threads: torch's CPU threads for this replica.
+    max_new_tokens_cap: the most new tokens a request may ask for (the endpoint's cap; default the
+    config's max_new_tokens), which sizes the generation engine's cache slots."""
 
-    def __init__(self, config: LabelConfig, device: str | None = None, num_threads: int | None = None):
+    def __init__(self, config: LabelConfig, device: str | None = None, num_threads: int | None = None,
+                 max_new_tokens_cap: int | None = None):
         self.config = config  # the defaults; a request's settings are derived from it, never written to it
         self.task = TASKS[config.task]
         self.num_threads = num_threads
@@ -120,6 +125,14 @@ class BloomReplica:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.length_spread = 1.15  # see token_budget_batches; inf batches by the budget alone
         self.fields = self.task.output_fields()
+        self.engine, self._engine_lock = None, threading.Lock()
+        if config.task == "generate":
+            # One engine per replica: every row or request of this replica joins its running batch. A slot
+            # holds the longest prompt plus the most new tokens a request may ask for.
+            longest = config.max_input_tokens + max(config.max_new_tokens, max_new_tokens_cap or 0)
+            self.engine = Engine(self.model, self.tokenizer, cache_tokens=max(config.cache_tokens or
+                                 config.batch_token_budget, longest), max_seq_len=longest,
+                                 prefill_chunk=config.prefill_chunk)
         self._label_ids: dict[tuple, list[list[int]]] = {}
         if self.zero_shot:
             self.candidate_label_ids(config)  # fail now on labels without tokens
@@ -213,17 +226,36 @@ class BloomReplica:
                 self.task.label(self, inputs, results, c)
         return results
 
+    def start_engine(self) -> None:
+        """Run the generation engine's steps on a background thread (streams and the endpoint need one;
+        the offline job steps it on the calling thread). Idempotent."""
+        with self._engine_lock:
+            if not self.engine.started:
+                self.engine.start(on_start=lambda: self.num_threads and torch.set_num_threads(self.num_threads))
+
     def stream_generate(self, row: dict, params: dict | None = None):
         """Generate for one row, yielding (new text, None) as tokens come, then ("", the row's result) —
-        the same result `label_rows` gives. Raises RowError for a bad row, ValueError for bad parameters."""
+        the same result `label_rows` gives. Raises RowError for a bad row, ValueError for bad parameters.
+        Closing the generator early aborts the row's sequence."""
+        seq, texts = self.open_stream(row, params)
+        try:
+            yield from texts
+        finally:
+            if not seq.finished:
+                self.engine.abort(seq)
+
+    def open_stream(self, row: dict, params: dict | None = None):
+        """(the row's engine sequence, its texts as `stream_generate` yields them): abort the sequence
+        with `self.engine.abort(seq)` from any thread (e.g. when the client has gone)."""
         c = self.with_params(params)
         (prompt, ids), result = self.prompt_ids(row, c)
-        with torch.inference_mode():
-            for text, final in self.task.stream(self, prompt, ids, c):
-                if final is not None:
-                    result.update(final)
-                    final = result
-                yield text, final
+        seq = self.task.submit(self, prompt, ids, c)
+
+        def texts():
+            for text, final in self.task.texts(self, seq, c):
+                yield text, final if final is None else {**result, **final}
+
+        return seq, texts()
 
     def prompt_ids(self, row: dict, c: LabelConfig) -> tuple[tuple[str, list[int]], dict]:
         """A row's prompt and its token ids (within max_input_tokens) with its result so far; RowError

@@ -3,8 +3,10 @@ offline job, so a request gets exactly what the job writes for the same row.
 
 Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa (one item or a list, per-request parameters),
 OpenAI-style POST /v1/completions (`stream: true` answers with server-sent events) and GET /v1/models,
-GET /healthz (alive) and /readyz (models loaded). Concurrent requests are batched with @serve.batch,
-batches capped by a token budget; batch size and wait are re-tunable through `user_config`.
+GET /healthz (alive) and /readyz (models loaded). Generation requests, streamed or not, are sequences
+of one continuous-batching engine per replica (bloom.engine): they join and leave its running batch
+between decode steps. Classify, NER and QA requests are batched with @serve.batch, batches capped by a
+token budget, re-tunable through `user_config`; they never wait behind a generation.
 """
 
 
@@ -14,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -24,11 +27,11 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from .config import LabelConfig
 from .replica import BloomReplica, RowError
-from .tasks import TASKS
+from .tasks import TASKS, timings
 
 logger = logging.getLogger("bloomline.serve")
 app = FastAPI(title="Bloomline", docs_url=None, redoc_url=None)
@@ -114,8 +117,14 @@ class BloomEndpoint:
     max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 422."""
 
     def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512):
-        self.replicas = {task: BloomReplica(LabelConfig(task=task, **settings)) for task, settings in tasks.items()}
+        self.replicas = {task: BloomReplica(LabelConfig(task=task, **settings),
+                                            max_new_tokens_cap=max_new_tokens_cap if task == "generate" else None)
+                         for task, settings in tasks.items()}
         self.max_body_bytes, self.max_new_tokens_cap = max_body_bytes, max_new_tokens_cap
+        if "generate" in self.replicas:  # every generation request joins this engine's running batch
+            self.replicas["generate"].start_engine()
+        # Threads that only wait for a sequence to end (the engine computes on its own thread).
+        self.waiters = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bloomline-wait")
         self.api_key = _api_key()
         self.requests = Counter("bloomline_requests", "requests per route and status", tag_keys=("route", "status"))
         self.tokens = Counter("bloomline_tokens", "tokens in and out", tag_keys=("task", "direction"))
@@ -124,6 +133,13 @@ class BloomEndpoint:
         self.latency = Histogram("bloomline_latency_ms", "request latency", boundaries=[10, 50, 100, 250, 500, 1000,
                                                                                         2500, 5000, 10000],
                                  tag_keys=("route",))
+        self.seconds = {name: Histogram(f"bloomline_{name}_ms", text, boundaries=[1, 5, 10, 25, 50, 100, 250, 500,
+                                                                                    1000, 2500, 5000, 10000])
+                        for name, text in (("ttft", "generation: time to first token"),
+                                           ("tpot", "generation: time per output token after the first"),
+                                           ("queue", "generation: wait for a cache slot"))}
+        self.engine_gauges = {name: Gauge(f"bloomline_engine_{name}", f"generation engine: {name.replace('_', ' ')}")
+                              for name in ("running", "waiting", "slots_used", "cache_tokens_held")}
         self.batches_seen: list[int] = []  # recent batch sizes, for /v1/stats (observing batching in tests)
         self.batch_settings = {"max_batch_tokens": 8192, "batch_wait_timeout_s": 0.01}
 
@@ -168,7 +184,10 @@ class BloomEndpoint:
         # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
         # forms a batch of its own rather than being refused by Serve.
         size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
-        results = await asyncio.gather(*[self._run_batch((task, row, params or None, size)) for row in rows])
+        if task == "generate":
+            results = await self._generate(rows, params, field, listed)
+        else:  # classify, ner, qa: batched together, never behind a generation
+            results = await asyncio.gather(*[self._run_batch((task, row, params or None, size)) for row in rows])
         for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 422)
             if r.get("error"):
                 raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {r['error']}")
@@ -181,6 +200,47 @@ class BloomEndpoint:
         self.latency.observe((time.perf_counter() - start) * 1000, {"route": route})
         self.requests.inc(1, {"route": route, "status": "200"})
         return body[0] if single else {"results": body}
+
+    def _submit(self, rows: list[dict], params: dict, field: str, listed: bool):
+        """Check every row, then submit each as a sequence of the generate replica's engine; 422 naming
+        the first row that cannot be generated for (before anything is submitted)."""
+        replica = self.replicas["generate"]
+        c = replica.with_params(params)
+        prepared = []
+        for i, row in enumerate(rows):
+            try:
+                prepared.append(replica.prompt_ids(row, c))
+            except RowError as e:
+                raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {e}") from None
+        try:
+            return c, prepared, [replica.task.submit(replica, prompt, ids, c) for (prompt, ids), _ in prepared]
+        except ValueError as e:  # cannot fit the engine's slots
+            raise ApiError(422, f"{field}: {e}") from None
+
+    async def _generate(self, rows: list[dict], params: dict, field: str, listed: bool) -> list[dict]:
+        """Generate for every row on the engine (joining its running batch); results as `label_rows`'.
+        A request cancelled before its end (client gone) aborts its sequences."""
+        replica = self.replicas["generate"]
+        c, prepared, seqs = self._submit(rows, params, field, listed)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.gather(*[loop.run_in_executor(self.waiters, seq.result) for seq in seqs])
+        finally:
+            for seq in seqs:
+                if not seq.finished:
+                    replica.engine.abort(seq)
+        out = []
+        for ((_, ids), result), seq in zip(prepared, seqs):
+            self._observe(seq)
+            out.append({**result, **replica.task.result(replica, c, seq.output_ids, seq.finish_reason, len(ids))})
+        return out
+
+    def _observe(self, seq) -> None:
+        for name, value in timings(seq).items():
+            self.seconds[name].observe(value * 1000)
+        for name, value in self.replicas["generate"].engine.stats().items():
+            if name in self.engine_gauges:
+                self.engine_gauges[name].set(value)
 
     def _validate(self, task: str, params: dict) -> dict:
         """Drop unset parameters; 422 for values over the endpoint's caps or invalid for the task."""
@@ -208,7 +268,8 @@ class BloomEndpoint:
     @app.get("/v1/stats")
     async def stats(self, request: Request):
         self._check(request)
-        return {"batch_sizes": self.batches_seen, **self.batch_settings}
+        engine = self.replicas["generate"].engine.stats() if "generate" in self.replicas else None
+        return {"batch_sizes": self.batches_seen, **self.batch_settings, "engine": engine}
 
     def _check(self, request: Request) -> None:
         """The API key and the body size limit, before any parsing."""
@@ -280,20 +341,25 @@ class BloomEndpoint:
 
     async def _stream(self, cid, created, model_name, prompts, params):
         """Server-sent events in OpenAI's format: chunks of text as tokens are generated (prompts one after
-        another), a chunk with each prompt's finish_reason, then [DONE]. Streams bypass the batcher: each
-        runs its own decode loop, in a worker thread so the event loop keeps serving."""
+        another), a chunk with each prompt's finish_reason, then [DONE]. Each prompt is a sequence of the
+        engine's running batch; a client that goes away aborts it (its cache slot is free the next step)."""
         replica = self.replicas["generate"]
         for i, prompt in enumerate(prompts):
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                      "choices": [{"index": i, "text": "", "finish_reason": None, "logprobs": None}]}
-            row = replica.task.item_row(prompt, replica.config)
-            async for text, result in iterate_in_threadpool(replica.stream_generate(row, params)):
-                if text:
-                    chunk["choices"][0]["text"] = text
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if result is not None:
-                    chunk["choices"][0].update(text="", finish_reason=_openai_reason(result["finish_reason"]))
-                    yield f"data: {json.dumps(chunk)}\n\n"
+            seq, texts = replica.open_stream(replica.task.item_row(prompt, replica.config), params)
+            try:
+                async for text, result in iterate_in_threadpool(texts):
+                    if text:
+                        chunk["choices"][0]["text"] = text
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    if result is not None:
+                        chunk["choices"][0].update(text="", finish_reason=_openai_reason(result["finish_reason"]))
+                        yield f"data: {json.dumps(chunk)}\n\n"
+            finally:
+                if not seq.finished:
+                    replica.engine.abort(seq)
+            self._observe(seq)
         yield "data: [DONE]\n\n"
 
     # Declared last: /v1/completions, /v1/models and /v1/stats match first.

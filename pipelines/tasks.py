@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 import bloom
+from bloom.engine import GenerationParams
 
 from .spans import AGGREGATION_STRATEGIES, best_span, merge_windows, ner_entities
 
@@ -175,21 +176,24 @@ class Generate(Task):
         # A row's seed depends on its prompt only, so sampling does not depend on how rows are batched.
         return zlib.crc32(f"{c.seed}\x00{str(prompt)}".encode())
 
-    def sampling(self, c: LabelConfig) -> dict:
-        """`generate` / `stream` keyword arguments for the settings in `c`."""
-        return dict(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature, top_k=c.top_k,
-                    top_p=c.top_p, repetition_penalty=c.repetition_penalty, stop_strings=c.stop or None)
+    def generation_params(self, c: LabelConfig, prompt, tokenizer=None) -> GenerationParams:
+        """One row's settings for the engine."""
+        return GenerationParams(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature,
+                                top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
+                                seed=self.seed(c, prompt), stop_strings=tuple(c.stop))
 
     def label(self, replica, prompts, results, c):
+        """Every row is a sequence of the replica's engine: a finished row's room goes to the next at once."""
         encoded = replica.encode_capped(prompts, results, c)
-        for idx, ids, mask in replica.batches(encoded, c, extra=c.max_new_tokens):
-            out = replica.model.generate(ids, attention_mask=mask, seed=[self.seed(c, prompts[i]) for i in idx],
-                                         tokenizer=replica.tokenizer, return_dict_in_generate=True, **self.sampling(c))
-            T = ids.shape[1]
-            for j, i in enumerate(idx):
-                n = out.num_new_tokens[j]
-                results[i].update(self.result(replica, c, out.sequences[j, T : T + n].tolist(), out.finish_reason[j],
-                                              len(encoded[i])))
+        room = replica.engine.cache.max_seq_len
+        for i in [i for i in encoded if len(encoded[i]) + c.max_new_tokens > room]:
+            results[i].update(error=f"input has {len(encoded[i])} tokens, with max_new_tokens {c.max_new_tokens} over "
+                                    f"the {room} tokens a sequence may hold", error_code="too_long")
+            del encoded[i]
+        idx = list(encoded)
+        seqs = replica.engine.generate([encoded[i] for i in idx], [self.generation_params(c, prompts[i]) for i in idx])
+        for i, seq in zip(idx, seqs):
+            results[i].update(self.result(replica, c, seq.output_ids, seq.finish_reason, len(encoded[i])))
 
     def result(self, replica, c, tokens: list[int], reason: str, prompt_tokens: int) -> dict:
         text = replica.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -198,26 +202,40 @@ class Generate(Task):
         return {"generated_text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens)}
 
-    def stream(self, replica, prompt: str, ids: list[int], c):
-        """Generate for one prompt, yielding (new text, None) as tokens come, then ("", the result).
+    def submit(self, replica, prompt, ids: list[int], c):
+        """One prompt as a sequence of the replica's engine (running on its background thread)."""
+        replica.start_engine()
+        return replica.engine.submit(ids, self.generation_params(c, prompt))
+
+    def texts(self, replica, seq, c):
+        """Yield (new text, None) as `seq`'s tokens come, then ("", the result).
 
         Text that could still turn out to begin a stop string, or an incomplete UTF-8 character, is
         held back until it is certain."""
         hold = max((len(s) for s in c.stop), default=1) - 1
-        tokens, sent, reason = [], 0, None
-        for step in replica.model.stream(torch.tensor([ids], device=replica.input_device), seed=[self.seed(c, prompt)],
-                                         tokenizer=replica.tokenizer, **self.sampling(c)):
-            if step.active[0]:
-                tokens.append(int(step.tokens[0]))
-            reason = step.finish_reason[0]
-            if reason is None:
-                text = replica.tokenizer.decode(tokens, skip_special_tokens=True)
+        out, sent = [], 0
+        for token in seq.stream():
+            out.append(token)
+            if seq.finish_reason is None:  # the last token may complete a stop string: wait for the result
+                text = replica.tokenizer.decode(out, skip_special_tokens=True)
                 safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
                 if safe > sent:
                     yield text[sent:safe], None
                     sent = safe
-        result = self.result(replica, c, tokens, reason or "length", len(ids))
+        result = self.result(replica, c, out, seq.finish_reason or "length", len(seq.prompt_ids))
         yield result["generated_text"][sent:], result
+
+
+def timings(seq) -> dict:
+    """A finished sequence's queue wait, time to first token and time per output token, in seconds (the
+    endpoint's metrics)."""
+    t, n = seq.times, len(seq.output_ids)
+    out = {"queue": t.get("admitted", t["submitted"]) - t["submitted"]}
+    if "first_token" in t:
+        out["ttft"] = t["first_token"] - t["submitted"]
+        if n > 1:
+            out["tpot"] = (t["finished"] - t["first_token"]) / (n - 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- classify

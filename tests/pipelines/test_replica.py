@@ -2,6 +2,8 @@
 
 import math
 import random
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -282,3 +284,25 @@ def test_concurrent_requests_each_get_what_they_get_alone(checkpoints):
                         assert got[key] == pytest.approx(want[key], abs=1e-6), (requests[i][3], key)
                     else:
                         assert got[key] == want[key], (requests[i][3], key)
+
+
+def test_closing_a_stream_aborts_its_sequence_and_frees_its_slot(checkpoints, monkeypatch):
+    """What the endpoint does when a client goes away mid-stream. The engine is stepped by hand here, so
+    the stream is surely in the middle of its generation when it is closed."""
+    rep = replica(checkpoints, "generate", max_new_tokens=40)
+    monkeypatch.setattr(rep, "start_engine", lambda: None)
+    stream = rep.stream_generate(corpus_rows(1)[0], {"stop": ["zzzz"]})
+    first = []  # the sequence is submitted at the stream's first next(), which waits for a text
+    reader = threading.Thread(target=lambda: first.append(next(stream)))
+    reader.start()
+    while not rep.engine.has_work:
+        time.sleep(0.01)
+    for _ in range(8):  # a prefill and seven decode steps: eight tokens of forty
+        rep.engine.step()
+    reader.join(10)
+    assert first and first[0][1] is None  # text came, the sequence still runs
+    assert rep.engine.stats()["slots_used"] == 1
+    stream.close()
+    rep.engine.step()
+    stats = rep.engine.stats()
+    assert stats["ended"] == {"abort": 1} and stats["slots_used"] == 0 and not rep.engine.has_work

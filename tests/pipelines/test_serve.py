@@ -158,7 +158,7 @@ def _deploy(server, name, overrides, user_config=None):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     application = config["applications"][0]
     application.update(name=name, route_prefix=f"/{name}")
-    application["args"]["tasks"] = {"generate": server[1]["generate"]}
+    application["args"]["tasks"] = {"generate": server[1]["generate"], "classify": server[1]["classify"]}
     deployment = application["deployments"][0]
     deployment.update(overrides)
     if user_config is not None:
@@ -190,7 +190,7 @@ def test_batching_is_retuned_without_a_redeploy(server):
     def flood():
         with ThreadPoolExecutor(12) as pool:
             assert all(a.status_code == 200 for a in pool.map(
-                lambda t: requests.post(base + "/v1/generate", json={"inputs": t}, headers=auth, timeout=60), texts))
+                lambda t: requests.post(base + "/v1/classify", json={"inputs": t}, headers=auth, timeout=60), texts))
         return requests.get(base + "/v1/stats", headers=auth, timeout=10).json()
 
     try:
@@ -303,3 +303,4 @@ def test_concurrent_requests_with_different_parameters_each_get_their_answer_alo
             assert len(got) == len(alone[i]) and [r.get("label") for r in got] == [r.get("label") for r in alone[i]]
         else:  # float32 generation: token for token
             assert got == alone[i], cases[i]
+
