@@ -353,6 +353,16 @@ def list_parts(output: str) -> list[str]:
             if fnmatch.fnmatch(posixpath.basename(i.path), PART_GLOB)]
 
 
+def parts_by_source(output: str) -> dict[str, list[str]]:
+    """source id → the paths of its parts (from the listing), to read one input file's labels."""
+    out: dict[str, list[str]] = {}
+    for path in list_parts(output):
+        m = PART_NAME.fullmatch(posixpath.basename(path))
+        if m:
+            out.setdefault(m[1], []).append(path)
+    return out
+
+
 def scan_output(output: str, clean: bool = True) -> OutputState:
     """The output's state from one listing (no part is opened). With `clean`, removes the temporary
     files of writes that a killed run left unfinished. A part named otherwise than `part_name` is an
