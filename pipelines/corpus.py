@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
+import os
 import posixpath
 import re
 import uuid
@@ -42,8 +43,9 @@ IO_THREADS = 32  # concurrent footer reads / deletes: object stores answer each 
 # ------------------------------------------------------------------------------------------- paths
 
 @functools.lru_cache(maxsize=64)
-def _store(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
-    # One client per bucket and options: building an S3 client per file costs more than reading a footer.
+def _store(scheme: str, bucket: str, query: str, credentials: tuple) -> pafs.FileSystem:
+    # One client per bucket, options and credentials: building an S3 client per file costs more than
+    # reading a footer.
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}/" + (f"?{query}" if query else ""))[0]
 
 
@@ -54,7 +56,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), posixpath.abspath(uri)
     parts = urlsplit(uri)
     if parts.scheme in ("s3", "gs", "gcs"):
-        return _store(parts.scheme, parts.netloc, parts.query), f"{parts.netloc}{parts.path}".rstrip("/")
+        credentials = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"))
+        return _store(parts.scheme, parts.netloc, parts.query, credentials), f"{parts.netloc}{parts.path}".rstrip("/")
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -77,8 +80,8 @@ def _uri(fs: pafs.FileSystem, path: str, query: str) -> str:
 def _store_error(spec: str, e: Exception) -> Exception:
     """One clear line for what object stores answer to bad credentials or a missing bucket."""
     text = str(e)
-    if any(s in text for s in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                               "403", "NETWORK_CONNECTION", "Forbidden")):
+    if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
+                               "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
         return ValueError(f"{spec}: the object store refused access (check credentials and endpoint): "
                                f"{text.splitlines()[0]}")
     return FileNotFoundError(f"{spec}: {text.splitlines()[0]}")
