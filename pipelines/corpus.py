@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -279,8 +280,9 @@ def read_row_groups(units: pa.Table, columns: list[str], text_columns: list[str]
         rows = np.arange(u["offset"], u["offset"] + table.num_rows, dtype=np.int64)
         table = table.append_column("_source", pa.array([u["source"]] * table.num_rows, pa.string()))
         table = table.append_column("_row", pa.array(rows))
-        if u.get("done"):
-            table = table.filter(pa.array(~_covered(rows, u["done"])))
+        done = json.loads(u.get("done") or "[]")
+        if done:
+            table = table.filter(pa.array(~_covered(rows, done)))
         tables.append(table)
     return pa.concat_tables(tables) if tables else pa.table({})
 
@@ -408,14 +410,15 @@ def scan_output(output: str, clean: bool = True) -> OutputState:
 
 
 def pending(units: list[dict], state: OutputState) -> list[dict]:
-    """The units with rows not yet written, each with `done`: its intervals already written (a few per
-    unit, so read tasks skip those rows)."""
+    """The units with rows not yet written, each with `done`: the [first, end) intervals of its rows
+    already written, as JSON (a few per unit, so read tasks skip those rows)."""
     out = []
     for u in units:
         lo, hi = u["offset"], u["offset"] + u["num_rows"]
         done = [[max(a, lo), min(b, hi)] for a, b in state.intervals.get(source_id(u["source"]), ()) if a < hi and b > lo]
         if sum(b - a for a, b in done) < u["num_rows"]:
-            out.append({**u, "done": done} if done else u)
+            # JSON: every unit's value has one Arrow type (string), whether it has intervals or not.
+            out.append({**u, "done": json.dumps(done)})
     return out
 
 

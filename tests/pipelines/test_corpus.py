@@ -79,7 +79,7 @@ def test_resume_and_verification_read_names_only(tmp_path):
     state = C.scan_output(str(out))
     assert not list(out.glob(".*.tmp")) and state.rows == 12 and state.intervals == {C.source_id(a): [[0, 12]]}
     todo = C.pending(corpus.units, state)
-    assert [(u["source"], u["offset"], u.get("done")) for u in todo] == [(a, 10, [[10, 12]]), (a, 20, None), (b, 0, None)]
+    assert [(u["source"], u["offset"], u["done"]) for u in todo] == [(a, 10, "[[10, 12]]"), (a, 20, "[]"), (b, 0, "[]")]
     read = C.read_row_groups(pa.Table.from_pylist(todo), ["id"], [], {})
     assert read.num_rows == 25 + 7 - 12 and 10 not in read.column("_row").to_pylist()
     assert C.verify(corpus, state) == ["20 input rows are missing from the output"]

@@ -67,18 +67,21 @@ def test_runs_label_only_new_and_changed_partitions(ray_cluster, checkpoints, tm
     cfg = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])},
                                    {"name": "ents", "task": "ner", "model": str(checkpoints["ner"])}))
 
-    # A reader polling the output during the first run never sees part of a partition.
+    # A reader polling the output during the first run (and once after) never sees part of a partition.
     seen, stop = [], threading.Event()
 
     def reader():
-        while not stop.is_set():
+        while True:
+            last = stop.is_set()
             try:
                 t = published(out)
             except (OSError, pa.ArrowException, FileNotFoundError):
                 continue
             if t.num_rows:
                 seen.append(t.group_by("date").aggregate([("id", "count")]).to_pylist())
-            time.sleep(0.05)
+            if last:
+                return
+            time.sleep(0.01)
 
     poll = threading.Thread(target=reader)
     poll.start()
