@@ -182,7 +182,7 @@ def main() -> None:
         return
     results = {"machine": machine(), "part_rows": args.part_rows, "row_group_rows": ROW_GROUP, "sizes": []}
     print(results["machine"])
-    for spec in args.sizes.split(","):
+    for spec in filter(None, args.sizes.split(",")):
         rows, files = map(int, spec.split(":"))
         r = bookkeeping(rows, files, args.part_rows, args.scratch)
         results["sizes"].append(r)
