@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import bloom
 
 from .config import LabelConfig, model_fingerprint
-from .corpus import filesystem, list_input_files, list_parts, plan, read_row_groups, scan_output, write_part
+from .corpus import (check_output, delete_files, filesystem, list_input_files, list_parts, pending, plan, read_row_groups,
+                     scan_output, verify, write_part)
 from .replica import BloomReplica, check_model
 from .tasks import TASKS
 
@@ -109,9 +110,10 @@ def pool_resources(config: LabelConfig, cluster: dict, node_cpus: list[float]) -
             "num_gpus": 0.0, "threads": max(1, threads)}
 
 
-def _prepare_output(config: LabelConfig, fingerprint: str) -> None:
-    """Refuse to mix runs: an output written with another model, task or parameters (another fingerprint)
-    is an error unless overwrite is set, which deletes its parts first."""
+def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, str]) -> None:
+    """Refuse to mix runs: an output written with another model, task or parameters (another fingerprint),
+    or whose parts give pass-through columns other types (`columns`: name → type), is an error unless
+    overwrite is set, which deletes its parts first."""
     fs, root = filesystem(config.output)
     run_path = f"{root}/{RUN_FILE}"
     parts = list_parts(config.output)
@@ -121,9 +123,8 @@ def _prepare_output(config: LabelConfig, fingerprint: str) -> None:
             previous = json.loads(f.read())
     if parts or previous:
         if config.overwrite:
-            for p in parts + [f"{root}/{REPORT_FILE}"]:
-                if fs.get_file_info(p).type.name == "File":
-                    fs.delete_file(p)
+            report = [f"{root}/{REPORT_FILE}"] if fs.get_file_info(f"{root}/{REPORT_FILE}").type.name == "File" else []
+            delete_files(config.output, parts + report)
         elif previous is None:
             raise ValueError(f"output {config.output} holds Parquet parts but no {RUN_FILE}: not written by this "
                              "job; choose another output or set overwrite")
@@ -131,19 +132,34 @@ def _prepare_output(config: LabelConfig, fingerprint: str) -> None:
             raise ValueError(f"output {config.output} was written with another model, task or parameters "
                              f"(task {previous.get('task')!r}, model {previous.get('model')!r}); set overwrite to "
                              "replace it or choose another output")
+        elif previous.get("columns", columns) != columns and parts:
+            changed = {c: (previous["columns"].get(c), t) for c, t in columns.items() if previous["columns"].get(c) != t}
+            raise ValueError(f"output {config.output} has parts whose pass-through columns have other types than "
+                             f"this input gives them ({', '.join(f'{c}: {a} there, {b} now' for c, (a, b) in changed.items())}); "
+                             "a table of both would not read as one: use --overwrite or another output")
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(run_path) as f:
         f.write(json.dumps({"fingerprint": fingerprint, "task": config.task, "model": config.model,
-                            "params": config.task_params()}, indent=2, default=str).encode())
+                            "params": config.task_params(), "columns": columns}, indent=2, default=str).encode())
 
 
-def _pending(tasks: list[dict], done: dict) -> list[dict]:
-    out = []
-    for t in tasks:
-        rows = done.get(t["source"], ())
-        if sum(1 for r in rows if t["offset"] <= r < t["offset"] + t["num_rows"]) < t["num_rows"]:
-            out.append(t)
-    return out
+def error_problems(errored: int, rows: int, config: LabelConfig) -> list[str]:
+    """Why `errored` of `rows` rows break the config's thresholds (none: acceptable)."""
+    problems = []
+    if config.max_errored_rows is not None and errored > config.max_errored_rows:
+        problems.append(f"{errored} rows errored, over max_errored_rows={config.max_errored_rows}")
+    if config.max_errored_fraction is not None and rows and errored / rows > config.max_errored_fraction:
+        problems.append(f"{errored} of {rows} rows errored ({errored / rows:.1%}), over "
+                        f"max_errored_fraction={config.max_errored_fraction:.1%}")
+    return problems
+
+
+def _repair(output: str, state) -> None:
+    """Delete parts that repeat rows of other parts (a write that outlived a killed run can land after
+    the next run planned the same rows); the rows they alone held are labeled again."""
+    paths = [p for ps in state.overlaps.values() for p in ps]
+    logger.warning("%d part(s) repeat rows of other parts; deleting them and labeling their rows again", len(paths))
+    delete_files(output, paths)
 
 
 def check_checkpoint(config: LabelConfig) -> LabelConfig:
@@ -176,23 +192,28 @@ def run_label_job(config: LabelConfig) -> dict:
     start = time.time()
     config = check_job(config)
     files = list_input_files(config.input)
-    tasks = plan(files, required_columns(config))
-    rows_in = sum(t["num_rows"] for t in tasks)
+    passthrough = [c for c in dict.fromkeys([config.id_column, *config.keep_columns]) if c not in text_columns(config)]
+    corpus = plan(files, required_columns(config), passthrough)
+    rows_in = corpus.rows
     fingerprint = config.fingerprint(model_fingerprint(config.model))
-    _prepare_output(config, fingerprint)
-    done, _ = scan_output(config.output)
-    pending = _pending(tasks, done)
+    check_output(config.output)
+    _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()})
+    state = scan_output(config.output)
+    if state.overlaps:
+        _repair(config.output, state)
+        state = scan_output(config.output)
+    todo = pending(corpus.units, state)
+    del state  # only the units left to label are needed from here on
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
     run_rows = run_tokens = 0
-    if pending:
-        logger.info("labeling %d row groups with %s", len(pending), pool)
-        partial = {t["source"]: done[t["source"]] for t in pending if t["source"] in done}
-        columns = required_columns(config)
-        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+    if todo:
+        logger.info("labeling %d units (row groups or slices) with %s", len(todo), pool)
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"columns": columns, "text_columns": text_columns(config), "done": partial})
+                            fn_kwargs={"columns": required_columns(config), "text_columns": text_columns(config),
+                                       "casts": corpus.casts})
         ds = ds.map_batches(
             BloomReplica, fn_constructor_kwargs={"config": config, "num_threads": pool["threads"]},
             compute=ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
@@ -204,28 +225,22 @@ def run_label_job(config: LabelConfig) -> dict:
             run_rows += pc.sum(summary.column("rows")).as_py() or 0
             run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
 
-    _, table = scan_output(config.output)
-    rows_out = table.num_rows if table is not None else 0
-    unique = len(table.group_by(["_source", "_row"]).aggregate([])) if table is not None else 0
-    errored = rows_out - table.column("error").null_count if table is not None else 0
-    tokens = (pc.sum(table.column("input_tokens")).as_py() or 0) if table is not None else 0
+    # Exactly-once from the listing: each part's keys were checked where it was written.
+    state = scan_output(config.output)
     wall = time.time() - start
     report = {
         "status": "succeeded", "task": config.task, "model": config.model, "fingerprint": fingerprint,
-        "rows_in": rows_in, "rows_out": rows_out, "errored_rows": errored, "rows_labeled_this_run": run_rows,
-        "input_tokens": tokens, "wall_seconds": round(wall, 3),
+        "rows_in": rows_in, "rows_out": state.rows, "errored_rows": state.errored, "rows_labeled_this_run": run_rows,
+        "input_tokens": state.tokens, "wall_seconds": round(wall, 3),
         "rows_per_second": round(run_rows / wall, 3) if wall else None,
         "tokens_per_second": round(run_tokens / wall, 3) if wall else None,
         "pool": pool, "parameters": config.task_params(), "input_files": len(files), "output": config.output,
+        "parts": state.parts, "units": len(corpus.units),
     }
-    problems = []
-    if rows_out != rows_in or unique != rows_out:
-        problems.append(f"the output holds {rows_out} rows ({unique} distinct) for {rows_in} input rows")
-    if config.max_errored_rows is not None and errored > config.max_errored_rows:
-        problems.append(f"{errored} rows errored, over max_errored_rows={config.max_errored_rows}")
-    if config.max_errored_fraction is not None and rows_in and errored / rows_in > config.max_errored_fraction:
-        problems.append(f"{errored} of {rows_in} rows errored ({errored / rows_in:.1%}), over "
-                        f"max_errored_fraction={config.max_errored_fraction:.1%}")
+    problems = verify(corpus, state)
+    if problems:
+        problems.insert(0, f"the output holds {state.rows} rows for {rows_in} input rows")
+    problems += error_problems(state.errored, rows_in, config)
     if problems:
         report["status"], report["problems"] = "failed", problems
     fs, root = filesystem(config.output)

@@ -8,7 +8,8 @@ with "_", which Parquet readers skip):
                             /_nightly.json                 <annotator>_<field> columns; the manifest
     <output>/_ledger.json        partition -> input fingerprint, annotator fingerprint, rows, time
     <output>/_lock               held (flock) by the running job; a second run waits or exits
-    <output>/_work/...           each annotator's labeling output for a partition in progress (resumable)
+    <output>/_work/<annotator>-<tag>  each annotator's labeling output over the partitions in progress
+                                 (one Ray Data run per annotator; resumable)
     <output>/_staging/<run>/...  a partition being assembled, renamed into place when complete
     <output>/_report.json, _reports/<run>.json
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import fnmatch
 import hashlib
@@ -43,8 +45,9 @@ import pyarrow.parquet as pq
 from bloom.config import write_atomic
 
 from .config import LabelConfig, model_fingerprint, yaml_settings
-from .corpus import list_input_files
-from .label import JobFailed, check_checkpoint, run_label_job
+from .corpus import list_input_files, parts_by_source, source_id
+from .corpus import plan as plan_corpus
+from .label import JobFailed, check_checkpoint, error_problems, required_columns, run_label_job
 from .replica import output_fields
 
 logger = logging.getLogger("bloomline")
@@ -298,13 +301,15 @@ def published_schema(config: NightlyConfig, input_schema: pa.Schema) -> pa.Schem
 
 
 def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str], reused: Path | None,
-             staged: Path) -> dict:
+             staged: Path, limits: dict[str, LabelConfig]) -> dict:
     """Join the annotators' outputs row by row into one published file per input file, in input order.
 
-    work: annotator name -> its labeling output; the other annotators' columns are taken from the
-    published partition `reused` (same input, same annotator fingerprint: the same values)."""
+    work: annotator name -> its labeling output (covering this partition's files among others); the
+    other annotators' columns are taken from the published partition `reused` (same input, same
+    annotator fingerprint: the same values). limits: annotator -> the config whose errored-row
+    thresholds apply to this partition; JobFailed when one is passed."""
     staged.mkdir(parents=True)
-    datasets = {name: pads.dataset(path, format="parquet", exclude_invalid_files=True) for name, path in work.items()}
+    parts = {name: parts_by_source(path) for name, path in work.items()}
     rows = 0
     errored = {a.name: 0 for a in config.annotators}
     for uri in files:
@@ -315,8 +320,9 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
             names = [f.name for f in output_fields(a.task)]
             base = [config.id_column, *config.keep_columns] if not columns else []
             if a.name in work:
-                table = datasets[a.name].to_table(columns=["_row", *base, *names],
-                                                  filter=pads.field("_source") == uri).sort_by("_row")
+                mine = parts[a.name].get(source_id(uri), [])
+                table = (pads.dataset(mine, format="parquet").to_table(columns=["_row", *base, *names]).sort_by("_row")
+                         if mine else pa.table({"_row": pa.array([], pa.int64())}))
                 if table.column("_row").to_pylist() != list(range(table.num_rows)):
                     raise JobFailed(f"annotator {a.name!r} did not label every row of {uri} exactly once")
                 table = table.rename_columns(["_row", *base, *(f"{a.name}_{n}" for n in names)])
@@ -334,45 +340,89 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
         target.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(out, target)
         rows += out.num_rows
+    problems = [f"annotator {name!r}: {p}" for name, cfg in limits.items() for p in error_problems(errored[name], rows, cfg)]
+    if problems:
+        raise JobFailed("; ".join(problems))
     return {"rows": rows, "errored_rows": errored}
 
 
-def label_partition(config: NightlyConfig, key: str, directory: str, files: list[str], in_fp: str,
-                    fingerprints: dict, run_id: str, root: Path, previous: dict | None = None) -> dict:
-    """Label one partition (its input `files`, fingerprinted `in_fp`) with every annotator, resuming
-    their earlier work, and publish it.
+def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerprints: dict, run_id: str, root: Path,
+                     ledger: dict, runs: dict):
+    """Label the partitions `keys` with one Ray Data run per annotator over all of them (one model load
+    each), resuming a killed run's work, then publish each partition whole. Yields (key, ledger entry),
+    or (key, exception) for a partition that failed; the others go on. Fills `runs`: annotator ->
+    {partitions, rows, rows_labeled, seconds} of its run.
 
-    previous: the partition's ledger entry; annotators whose fingerprint it holds for the same input
-    are not run again, their published columns are kept."""
-    safe = quote(key, safe="=")  # one path component
-    same_input = previous is not None and previous["input_fingerprint"] == in_fp and (root / key).is_dir()
-    reused = [a.name for a in config.annotators if same_input and previous["annotators"].get(a.name) == fingerprints[a.name]]
-    work, seconds = {}, {}
+    An annotator is not run again for a partition whose ledger entry holds its fingerprint for the same
+    input: its published columns are kept."""
+    entries = {key: ledger["partitions"].get(key) for key in keys}
+    reused = {key: [a.name for a in config.annotators
+                    if entries[key] is not None and entries[key]["input_fingerprint"] == plan["inputs"][key][1]
+                    and (root / key).is_dir() and entries[key]["annotators"].get(a.name) == fingerprints[a.name]]
+              for key in keys}
+    failed: dict[str, Exception] = {}
+    for a in config.annotators:  # a partition an annotator cannot read fails alone, before any run
+        for key in keys:
+            if a.name not in reused[key] and key not in failed:
+                try:
+                    plan_corpus(plan["inputs"][key][0], required_columns(config.label_config(a, [], "")))
+                except (ValueError, FileNotFoundError, OSError) as e:
+                    failed[key] = e
+    work, seconds, limits, current = {}, {}, {}, set()
     for a in config.annotators:
-        if a.name in reused:
+        mine = [k for k in keys if a.name not in reused[k] and k not in failed]
+        if not mine:
             continue
-        # The work directory is named by what decides its content: a changed input or annotator starts afresh.
-        tag = hashlib.sha256(f"{in_fp}\0{fingerprints[a.name]}".encode()).hexdigest()[:16]
-        path = root / "_work" / safe / f"{a.name}-{tag}"
-        for stale in (root / "_work" / safe).glob(f"{a.name}-*"):
-            if stale != path:
-                shutil.rmtree(stale)
-        started = time.time()
-        report = run_label_job(config.label_config(a, files, str(path)))
-        seconds[a.name] = round(time.time() - started, 3)
-        if report["rows_in"] != report["rows_out"]:
-            raise JobFailed(f"annotator {a.name!r} wrote {report['rows_out']} of {report['rows_in']} rows")
-        work[a.name] = str(path)
+        # The work directory is named by what decides its content: other inputs or settings start afresh.
+        tag = hashlib.sha256(json.dumps([fingerprints[a.name], sorted((k, plan["inputs"][k][1]) for k in mine)]).encode())
+        path = root / "_work" / f"{a.name}-{tag.hexdigest()[:16]}"
+        current.add(path)
+        files = [f for k in mine for f in plan["inputs"][k][0]]
+        # Errored-row thresholds apply per partition (in `assemble`), not to the whole run.
+        label = dataclasses.replace(config.label_config(a, files, str(path)), max_errored_rows=None,
+                                    max_errored_fraction=None)
+        try:
+            report = run_label_job(label)
+        except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
+            for key in mine:
+                failed.setdefault(key, e)
+            continue
+        runs[a.name] = {"partitions": len(mine), "rows": report["rows_out"],
+                        "rows_labeled": report["rows_labeled_this_run"], "seconds": report["wall_seconds"]}
+        seconds[a.name] = report["wall_seconds"]
+        work[a.name], limits[a.name] = str(path), config.label_config(a, [], "")
+    for stale in (root / "_work").iterdir() if (root / "_work").exists() else []:
+        if stale not in current:
+            shutil.rmtree(stale)  # another run's work: other partitions, inputs or settings
+    for key in keys:
+        if key in failed:
+            yield key, failed[key]
+            continue
+        try:
+            yield key, publish_partition(config, key, plan, fingerprints, run_id, root, reused[key],
+                                         {n: w for n, w in work.items() if n not in reused[key]},
+                                         {n: c for n, c in limits.items() if n not in reused[key]},
+                                         {n: t for n, t in seconds.items() if n not in reused[key]})
+        except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
+            yield key, e
+    shutil.rmtree(root / "_work", ignore_errors=True)
+
+
+def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints: dict, run_id: str, root: Path,
+                      reused: list[str], work: dict[str, str], limits: dict[str, LabelConfig],
+                      seconds: dict[str, float]) -> dict:
+    """Assemble one labeled partition and publish it; returns its ledger entry (with the seconds of each
+    annotator's run and the reused annotators)."""
+    directory, (files, in_fp) = plan["directories"][key], plan["inputs"][key]
     if input_fingerprint(directory, files, config.input_fingerprint) != in_fp or list_input_files([directory]) != files:
         raise JobFailed(f"partition {key} changed while it was being labeled; it will be labeled again next run")
-    staged = root / "_staging" / run_id / safe
+    staged = root / "_staging" / run_id / quote(key, safe="=")  # one path component
     entry = {"partition": key, "input_fingerprint": in_fp, "annotator_fingerprint": combined(fingerprints),
              "annotators": dict(fingerprints), "files": len(files), "run_id": run_id}
-    entry.update(assemble(config, directory, files, work, root / key if reused else None, staged))
+    entry.update(assemble(config, directory, files, work, root / key if reused else None, staged, limits))
     entry["published_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(staged / MANIFEST, entry)
     publish(staged, root / key)
-    shutil.rmtree(root / "_work" / safe, ignore_errors=True)
     entry["seconds"], entry["reused"] = seconds, reused
     return entry
 
@@ -414,16 +464,13 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
         plan = plan_run(config, ledger, fingerprints)
         report = {"run_id": run_id, "status": "succeeded", "dry_run": dry_run, "notes": notes,
                   **{k: plan[k] for k in ("new", "changed", "unchanged", "deleted")},
-                  "published": [], "failed": {}, "pruned": [], "rows_labeled": 0}
+                  "published": [], "failed": {}, "pruned": [], "rows_labeled": 0, "annotator_runs": {}}
         if not dry_run:
-            for key in sorted(plan["new"] + plan["changed"]):
-                logger.info("labeling partition %s", key)
-                try:
-                    entry = label_partition(config, key, plan["directories"][key], *plan["inputs"][key],
-                                            fingerprints, run_id, root, ledger["partitions"].get(key))
-                except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
-                    logger.error("partition %s failed: %s", key, e)
-                    report["failed"][key] = f"{type(e).__name__}: {e}"
+            for key, entry in label_partitions(config, sorted(plan["new"] + plan["changed"]), plan, fingerprints,
+                                               run_id, root, ledger, report["annotator_runs"]):
+                if isinstance(entry, Exception):
+                    logger.error("partition %s failed: %s", key, entry)
+                    report["failed"][key] = f"{type(entry).__name__}: {entry}"
                     continue
                 seconds, reused = entry.pop("seconds"), entry.pop("reused")
                 ledger["partitions"][key] = entry
@@ -441,9 +488,6 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
                     write_json_atomic(root / LEDGER, ledger)
                     report["pruned"].append(key)
             shutil.rmtree(root / "_staging", ignore_errors=True)  # ours alone: we hold the lock
-            for gone in (root / "_work").glob("*") if (root / "_work").exists() else []:
-                if unquote(gone.name) not in plan["directories"]:
-                    shutil.rmtree(gone)  # work for partitions deleted from the corpus
         if report["failed"]:
             report["status"] = "failed"
         report["wall_seconds"] = round(time.time() - started, 3)

@@ -14,11 +14,17 @@ from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint
 from pipelines.demo import DEMO_HEADS
 
 
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bloomline-test", "AWS_SECRET_ACCESS_KEY": "bloomline-test",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A 2-CPU local Ray shared by all pipeline tests (ray.init costs seconds). Yields its GCS address
     so subprocesses (the job script, a driver killed mid-run) can join the same cluster."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray's workers inherit this environment: the credentials the loopback S3 server (test_s3) takes.
+    os.environ.update(S3_CREDENTIALS)
     import ray
 
     temp = tmp_path_factory.mktemp("ray")

@@ -278,3 +278,42 @@ def test_hub_id_without_a_reachable_hub_is_a_clear_error(monkeypatch):
         resolve_model("bigscience/bloom-560m")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model("./no/such/dir")
+
+
+def test_mixed_pass_through_types_give_one_table_for_every_reader(ray_cluster, checkpoints, tmp_path):
+    """Issue 12 item 3: int64 ids in one file and string ids in another gave parts of two schemas."""
+    import duckdb
+    import ray
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    pq.write_table(pa.table({"id": pa.array(range(20), pa.int64()), "text": ["some text"] * 20,
+                             "lang": pa.nulls(20, pa.null())}), corpus / "a.parquet", row_group_size=5)
+    pq.write_table(pa.table({"id": [f"l{i}" for i in range(290, 300)], "text": ["other text"] * 10,
+                             "lang": ["fr"] * 10}), corpus / "b.parquet", row_group_size=5)
+    out = tmp_path / "out"
+    report = run_label_job(config(checkpoints, "classify", corpus, out, keep_columns=["lang"]))
+    assert report["rows_out"] == 30
+    want = {str(i) for i in range(20)} | {f"l{i}" for i in range(290, 300)}
+    table = read_output(out)
+    assert table.schema.field("id").type == pa.string() and set(table.column("id").to_pylist()) == want
+    assert table.schema.field("lang").type == pa.string()
+    assert set(ray.data.read_parquet(str(out)).to_pandas()["id"]) == want
+    assert duckdb.sql(f"select count(distinct id) from read_parquet('{out}/part-*.parquet')").fetchall() == [(30,)]
+    # Each part holds consecutive rows of one file in input order, and its name says which.
+    for part in out.glob("part-*.parquet"):
+        t = pq.read_table(part)
+        rows = t.column("_row").to_pylist()
+        first, n = map(int, part.name.split("-")[2:4])
+        assert rows == list(range(first, first + n)) and len(set(t.column("_source").to_pylist())) == 1
+
+    # New input that would give the column another type is refused, naming what changed.
+    pq.write_table(pa.table({"id": pa.array([1.5]), "text": ["x"], "lang": ["en"]}), corpus / "c.parquet")
+    with pytest.raises(ValueError, match=r"column 'id' is .*double in .*c.parquet"):
+        run_label_job(config(checkpoints, "classify", corpus, out, keep_columns=["lang"]))
+    (corpus / "c.parquet").unlink()
+    # Input that gives the column another type than the parts already written have is refused too.
+    pq.write_table(pa.table({"id": pa.array(["z"], pa.large_string()), "text": ["x"], "lang": ["en"]}),
+                   corpus / "c.parquet")
+    with pytest.raises(ValueError, match=r"id: string there, large_string now"):
+        run_label_job(config(checkpoints, "classify", corpus, out, keep_columns=["lang"]))

@@ -2,6 +2,7 @@
 cluster utilities): a worker node lost mid-run, a nightly driver killed and restarted while the
 cluster grows back. Every row ends up labeled exactly once."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,8 +82,7 @@ def test_nightly_killed_and_restarted_while_the_cluster_grows_back(multinode, ch
                                                   "rows_per_batch": 5, "model": str(checkpoints["generate"])})
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     kill_mid_run(config, out, env)
-    done = assert_consistent(out, corpus, finished=False)
-    assert 1 <= len(done) < 4
+    assert assert_consistent(out, corpus, finished=False) == {}  # published after the one labeling run
 
     workers.append(cluster.add_node(num_cpus=2, object_store_memory=STORE))  # the autoscaler adds a node
     cluster.wait_for_nodes()
@@ -91,4 +91,4 @@ def test_nightly_killed_and_restarted_while_the_cluster_grows_back(multinode, ch
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     ledger = assert_consistent(out, corpus)
     assert sorted(ledger) == [f"date=2026-11-0{d}" for d in range(1, 5)]
-    assert all(ledger[k] == v for k, v in done.items())
+    assert json.loads((out / "_report.json").read_text())["annotator_runs"]["gen"]["rows_labeled"] < 80  # resumed

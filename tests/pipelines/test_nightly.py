@@ -67,18 +67,21 @@ def test_runs_label_only_new_and_changed_partitions(ray_cluster, checkpoints, tm
     cfg = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])},
                                    {"name": "ents", "task": "ner", "model": str(checkpoints["ner"])}))
 
-    # A reader polling the output during the first run never sees part of a partition.
+    # A reader polling the output during the first run (and once after) never sees part of a partition.
     seen, stop = [], threading.Event()
 
     def reader():
-        while not stop.is_set():
+        while True:
+            last = stop.is_set()
             try:
                 t = published(out)
             except (OSError, pa.ArrowException, FileNotFoundError):
                 continue
             if t.num_rows:
                 seen.append(t.group_by("date").aggregate([("id", "count")]).to_pylist())
-            time.sleep(0.05)
+            if last:
+                return
+            time.sleep(0.01)
 
     poll = threading.Thread(target=reader)
     poll.start()
@@ -151,13 +154,13 @@ def nightly_yaml(tmp_path, corpus, out, annotator, **extra) -> Path:
 
 
 def kill_mid_run(config: Path, out: Path, env: dict) -> None:
-    """Run the nightly script and SIGKILL it once one partition is published and the next one is
-    partly labeled (annotator "gen")."""
+    """Run the nightly script and SIGKILL it once annotator "gen" has labeled some rows (its one run
+    over every partition is under way)."""
     proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if list(out.glob("*/" + MANIFEST)) and list(out.glob("_work/*/gen-*/part-*.parquet")):
+        if len(list(out.glob("_work/gen-*/part-*.parquet"))) >= 3:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed; make it slower"
@@ -173,16 +176,19 @@ def test_killed_run_publishes_complete_partitions_only_and_a_rerun_finishes(ray_
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
     kill_mid_run(config, out, env)
     done = assert_consistent(out, corpus, finished=False)
-    assert 1 <= len(done) < 4
-    assert published(out).num_rows == 20 * len(done)  # readers see whole partitions only
+    assert done == {} and published(out).num_rows == 0  # partitions are published after the labeling run
+    written = pads.dataset(str(next(out.glob("_work/gen-*"))), format="parquet").count_rows()
+    assert 0 < written < 80
 
     rerun = subprocess.run([sys.executable, SCRIPT, "--config", str(config)], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert report["status"] == "succeeded" and report["published"] == 4 - len(done)
+    assert report["status"] == "succeeded" and report["published"] == 4
+    # One run for the annotator over the four partitions, resuming the killed run's rows.
+    runs = json.loads((out / "_report.json").read_text())["annotator_runs"]
+    assert runs == {"gen": {"partitions": 4, "rows": 80, "rows_labeled": 80 - written, "seconds": runs["gen"]["seconds"]}}
     ledger = assert_consistent(out, corpus)
     assert sorted(ledger) == [f"date=2026-11-0{d}" for d in range(1, 5)]
-    assert all(ledger[k] == v for k, v in done.items())  # published partitions were not redone
     assert not (out / "_work").exists() or not any((out / "_work").iterdir())
 
 
