@@ -1,8 +1,10 @@
 """The labeling job end to end on local Ray: outputs equal the replica's, every row exactly once through
 kills and actor deaths, bad rows and bad inputs handled."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+import bloom
+from bloom.tiny import make_tiny_checkpoint
 from pipelines.config import LabelConfig
 from pipelines.label import JobFailed, pool_resources, run_label_job
 from pipelines.replica import BloomReplica, output_fields
@@ -278,3 +282,20 @@ def test_hub_id_without_a_reachable_hub_is_a_clear_error(monkeypatch):
         resolve_model("bigscience/bloom-560m")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model("./no/such/dir")
+
+
+def test_a_checkpoint_of_the_same_shape_with_other_weights_is_refused(ray_cluster, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    head = {"id2label": {0: "neg", 1: "pos"}}
+    a = make_tiny_checkpoint(tmp_path / "a", bloom.BloomForSequenceClassification, seed=0, **head)
+    b = make_tiny_checkpoint(tmp_path / "b", bloom.BloomForSequenceClassification, seed=1, **head)
+    first = LabelConfig(task="classify", model=str(a), input=[str(corpus)], output=str(tmp_path / "out"),
+                        rows_per_batch=16)
+    run_label_job(first)
+    with pytest.raises(ValueError, match="another model"):
+        run_label_job(dataclasses.replace(first, model=str(b)))
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["model"] == str(a)
+    shutil.copyfile(b / "model.safetensors", a / "model.safetensors")  # retrained weights, same size
+    with pytest.raises(ValueError, match="another model"):
+        run_label_job(first)
+    assert run_label_job(dataclasses.replace(first, overwrite=True))["rows_labeled_this_run"] == 60
