@@ -19,9 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
-
-from pipelines.nightly import LockHeld, NightlyConfig  # noqa: E402
+from pipelines.nightly import LockHeld, NightlyConfig
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
