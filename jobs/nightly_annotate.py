@@ -53,10 +53,8 @@ def main(argv=None) -> int:
         print(f"nightly_annotate: {e}", file=sys.stderr)
         return 2
 
-    if not args.dry_run:
-        init_ray(args.ray_num_cpus)
-    try:
-        report = run_nightly(config, dry_run=args.dry_run)
+    try:  # Ray starts only once the output's lock is held: a run that finds it held exits at once
+        report = run_nightly(config, dry_run=args.dry_run, connect=lambda: init_ray(args.ray_num_cpus))
     except LockHeld as e:
         print(f"nightly_annotate: {e}; not running", file=sys.stderr)
         return EXIT_LOCKED

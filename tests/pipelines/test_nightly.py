@@ -340,3 +340,21 @@ def test_weights_copied_over_an_annotators_checkpoint_relabel_its_partitions(ray
     want = BloomReplica(LabelConfig(task="classify", model=str(retrained)))(rows)
     got = pq.read_table(out / "date=2026-11-01").sort_by("id")
     assert got.column("topic_score").to_pylist() == pytest.approx(want.column("score").to_pylist(), abs=1e-4)
+
+
+def test_a_run_that_finds_the_lock_held_starts_no_ray(tmp_path, checkpoints):
+    import fcntl
+
+    corpus = make_corpus(tmp_path / "corpus", {1: 4})
+    out = tmp_path / "out"
+    config = nightly_yaml(tmp_path, corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])})
+    out.mkdir()
+    temp = tmp_path / "ray-temp"
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)  # a local Ray would be started
+    with open(out / "_lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run([sys.executable, SCRIPT, "--config", str(config)], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert done.returncode == 75 and "another nightly run holds" in done.stderr
+    assert not list(temp.glob("**/session_*"))  # no Ray was started
