@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     init_ray()
     app, name, prefix, http = app_from_config(config)
     http = {**http, **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
-    serve.start(http_options=http)
+    serve.start(http_options=http, logging_config=config.get("logging_config"))  # Serve's own actors' logs
     print(f"serving {name} on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", flush=True)
     serve.run(app, name=name, route_prefix=prefix, blocking=True)
     return 0
