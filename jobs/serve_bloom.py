@@ -5,7 +5,8 @@
 
 Joins the cluster in RAY_ADDRESS if set, else starts local Ray. Demo checkpoints named in the config
 (demo/tiny-bloom-<task>) are built first if absent. `serve run serve_config.yaml` does the same for
-configs that name existing checkpoints.
+configs that name existing checkpoints. Ctrl-C (SIGINT) stops the endpoint, its replicas and the
+local Ray cleanly.
 """
 
 import argparse
@@ -44,7 +45,11 @@ def main(argv=None) -> int:
     http = {**http, **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
     serve.start(http_options=http, logging_config=config.get("logging_config"))  # Serve's own actors' logs
     print(f"serving {name} on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", flush=True)
-    serve.run(app, name=name, route_prefix=prefix, blocking=True)
+    try:
+        serve.run(app, name=name, route_prefix=prefix, blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C: stop the replicas and Serve, then Ray stops as the script exits
+        serve.shutdown()
+        print("stopped", flush=True)
     return 0
 
 
