@@ -27,6 +27,16 @@ def processes_with(env_entry: str) -> list[int]:
     return pids
 
 
+def commands(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+        except OSError:
+            continue
+    return out
+
+
 def test_sigkill_of_a_driver_that_started_local_ray_leaves_no_ray_process(checkpoints, tmp_path):
     corpus = write_corpus(tmp_path / "c", corpus_rows(200), files=2, row_group_size=5)
     out = tmp_path / "out"
@@ -40,17 +50,17 @@ def test_sigkill_of_a_driver_that_started_local_ray_leaves_no_ray_process(checkp
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
+        while time.time() < deadline and proc.poll() is None and not (
+                list(out.glob("part-*.parquet")) and "ray::DashboardAgent" in commands(processes_with(tag))):
             time.sleep(0.2)
         assert proc.poll() is None, "the job ended before it could be killed"
-        assert any(b"ray::DashboardAgent" in Path(f"/proc/{p}/cmdline").read_bytes() for p in processes_with(tag)
-                   if Path(f"/proc/{p}").exists())
+        assert "ray::DashboardAgent" in commands(processes_with(tag))  # what outlived the driver before
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 20  # Ray's agents alone linger for about a minute
         while processes_with(tag) and time.time() < deadline:
             time.sleep(0.5)
-        left = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0] for p in processes_with(tag)}
+        left = commands(processes_with(tag))
         assert not left, f"still running after the driver's death: {left}"
     finally:
         if proc.poll() is None:
