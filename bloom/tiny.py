@@ -1,12 +1,17 @@
 """Tiny random BLOOM checkpoints with a trained BLOOM-style tokenizer, for demos, tests and benchmarks.
 
 There is no model hub on an offline machine, so anything that needs "a BLOOM checkpoint" can build
-one here in the real Hugging Face layout (config.json, model.safetensors, tokenizer.json).
+one here in the real Hugging Face layout (config.json, model.safetensors, tokenizer.json). From a shell:
+
+    python -m bloom.tiny checkpoints/tiny-generate                 # a causal LM
+    python -m bloom.tiny --class BloomForSequenceClassification --label spam --label ham checkpoints/spam
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -67,11 +72,15 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Write a random BLOOM checkpoint with its tokenizer to `directory` and return the path.
 
-    model_class: any bloom model class (default BloomForCausalLM); config: BloomConfig fields
-    (e.g. hidden_size, n_layer, n_head, id2label). std=None keeps the reference's init."""
-    from .model import BloomForCausalLM
+    model_class: any bloom model class or its name (default BloomForCausalLM); config: BloomConfig
+    fields (e.g. hidden_size, n_layer, n_head, id2label). std=None keeps the reference's init."""
+    from . import model as models
 
-    model_class = model_class or BloomForCausalLM
+    if not isinstance(model_class, type):
+        name = model_class or "BloomForCausalLM"
+        model_class = getattr(models, name, None)
+        if not (isinstance(model_class, type) and issubclass(model_class, models.BloomPreTrainedModel)):
+            raise ValueError(f"{name!r} is not a bloom model class")
     tokenizer = sample_tokenizer(vocab_size)
     defaults = dict(hidden_size=64, n_layer=2, n_head=4, pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -85,3 +94,34 @@ def make_tiny_checkpoint(
     model.to(dtype).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bloom.tiny", description="Write a tiny random BLOOM checkpoint "
+                                "(config.json, model.safetensors, tokenizer.json) for trying the jobs.")
+    p.add_argument("directory", help="where to write it")
+    p.add_argument("--class", dest="model_class", default="BloomForCausalLM",
+                   help="the bloom model class, i.e. the head (default BloomForCausalLM)")
+    p.add_argument("--label", action="append", help="a label of the head, in id order (repeatable)")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="different seeds give different weights")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = p.parse_args(argv)
+    config = dict(hidden_size=args.hidden_size, n_layer=args.layers, n_head=args.heads, seed=args.seed,
+                  vocab_size=args.vocab_size, dtype=getattr(torch, args.dtype))
+    if args.label:
+        config["id2label"] = dict(enumerate(args.label))
+    try:
+        path = make_tiny_checkpoint(args.directory, args.model_class, **config)
+    except ValueError as e:
+        print(f"bloom.tiny: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
-
-from bloom import BloomForCausalLM, BloomTokenizerFast  # noqa: E402
-from pipelines.demo import demo_checkpoint  # noqa: E402
+from bloom import BloomForCausalLM, BloomTokenizerFast
+from pipelines.demo import demo_checkpoint
 
 DEFAULT_PROMPTS = ["The quick brown fox", "Le modèle multilingue", "这个模型"]
 

@@ -16,9 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
-
-from pipelines.config import TASKS, LabelConfig  # noqa: E402
+from pipelines.config import TASKS, LabelConfig
 
 FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--input", "input", "list", "Parquet files, directories or globs (local, s3://, gs://); default: the demo corpus"),
@@ -34,14 +32,18 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--temperature", "temperature", float, "generate: sampling temperature (with --sample)"),
     ("--top-p", "top_p", float, "generate: nucleus sampling mass (with --sample)"),
     ("--top-k", "top_k", int, "generate: sample among the k likeliest tokens (0: off)"),
+    ("--repetition-penalty", "repetition_penalty", float, "generate: > 1 makes tokens already in the text less likely (default 1: off)"),
     ("--seed", "seed", int, "generate: sampling seed (each row's seed derives from it and the prompt)"),
     ("--stop", "stop", "list", "generate: a stop string (repeatable); the text ends before it"),
     ("--candidate-label", "candidate_labels", "list", "classify: a candidate label for zero-shot with a causal LM (repeatable)"),
+    ("--label-prefix", "label_prefix", str, "zero-shot classify: text put between the prompt and each candidate label (default: a space)"),
     ("--threshold", "threshold", float, "classify: multi-label probability threshold (default 0.5)"),
     ("--aggregation-strategy", "aggregation_strategy", str, "ner: none, simple, first, average or max (default simple)"),
+    ("--ignore-label", "ignore_labels", "list", "ner: an entity label left out of the output (repeatable; default: O)"),
     ("--stride", "stride", int, "ner/qa: tokens shared by consecutive windows of a long text (default 32)"),
     ("--max-answer-len", "max_answer_len", int, "qa: longest answer in tokens (default 30)"),
     ("--max-input-tokens", "max_input_tokens", int, "tokens per row (per window for ner/qa) (default 1024)"),
+    ("--max-text-chars", "max_text_chars", int, "rows with longer texts are errors, before tokenizing (default 200000)"),
     ("--too-long", "too_long", str, "rows over --max-input-tokens: 'error' (default) or 'truncate'"),
     ("--max-errored-rows", "max_errored_rows", int, "fail the job when more rows than this errored"),
     ("--max-errored-fraction", "max_errored_fraction", float, "fail the job past this fraction of errored rows (default 0.1)"),
@@ -52,6 +54,9 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--gpus-per-actor", "num_gpus_per_actor", float, "GPUs per replica (default: 1 if the cluster has GPUs, else 0)"),
     ("--cpus-per-actor", "num_cpus_per_actor", float, "CPUs per replica (default: from the cluster, one CPU left free)"),
     ("--batch-token-budget", "batch_token_budget", int, "padded tokens per forward pass (default 8192)"),
+    ("--cache-tokens", "cache_tokens", int, "generate: the engine's KV cache in tokens, in slots of max input + max new "
+                                            "tokens (default: --batch-token-budget)"),
+    ("--prefill-chunk", "prefill_chunk", int, "generate: prompt tokens the engine prefills per step (default 256)"),
     ("--rows-per-batch", "rows_per_batch", int, "rows handed to a replica at a time (default 256)"),
 ]
 

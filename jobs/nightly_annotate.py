@@ -19,9 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
-
-from pipelines.nightly import LockHeld, NightlyConfig  # noqa: E402
+from pipelines.nightly import LockHeld, NightlyConfig
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
@@ -55,10 +53,8 @@ def main(argv=None) -> int:
         print(f"nightly_annotate: {e}", file=sys.stderr)
         return 2
 
-    if not args.dry_run:
-        init_ray(args.ray_num_cpus)
-    try:
-        report = run_nightly(config, dry_run=args.dry_run)
+    try:  # Ray starts only once the output's lock is held: a run that finds it held exits at once
+        report = run_nightly(config, dry_run=args.dry_run, connect=lambda: init_ray(args.ray_num_cpus))
     except LockHeld as e:
         print(f"nightly_annotate: {e}; not running", file=sys.stderr)
         return EXIT_LOCKED

@@ -5,15 +5,15 @@
 
 Joins the cluster in RAY_ADDRESS if set, else starts local Ray. Demo checkpoints named in the config
 (demo/tiny-bloom-<task>) are built first if absent. `serve run serve_config.yaml` does the same for
-configs that name existing checkpoints.
+configs that name existing checkpoints. Ctrl-C (SIGINT) stops the endpoint, its replicas and the
+local Ray cleanly.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: serve_config.yaml and demo/
 
 
 def main(argv=None) -> int:
@@ -43,9 +43,13 @@ def main(argv=None) -> int:
     init_ray()
     app, name, prefix, http = app_from_config(config)
     http = {**http, **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
-    serve.start(http_options=http)
+    serve.start(http_options=http, logging_config=config.get("logging_config"))  # Serve's own actors' logs
     print(f"serving {name} on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", flush=True)
-    serve.run(app, name=name, route_prefix=prefix, blocking=True)
+    try:
+        serve.run(app, name=name, route_prefix=prefix, blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C: stop the replicas and Serve, then Ray stops as the script exits
+        serve.shutdown()
+        print("stopped", flush=True)
     return 0
 
 

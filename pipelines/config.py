@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +152,9 @@ def yaml_settings(cls, path: str | Path, overrides: dict) -> dict:
 
 
 def model_fingerprint(directory: str | Path) -> str:
-    """sha256 of a checkpoint's config, tokenizer, and safetensors headers and sizes (cheap: no weights read,
-    yet any retrained or re-exported checkpoint changes it)."""
+    """sha256 over a checkpoint's config, tokenizer and every weight byte: any retrained, re-exported or
+    overwritten weight file changes it. The weights' hashes are cached (see `file_sha256`), so only the
+    first run over a checkpoint pays a full read."""
     directory = Path(directory)
     h = hashlib.sha256()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
@@ -158,7 +162,58 @@ def model_fingerprint(directory: str | Path) -> str:
         if path.exists():
             h.update(name.encode() + path.read_bytes())
     for path in sorted(directory.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(path.name.encode() + f.read(min(n, 100_000_000)) + str(path.stat().st_size).encode())
+        h.update(f"{path.name}\0{file_sha256(path)}\0".encode())
     return h.hexdigest()
+
+
+def digest_cache_path() -> Path:
+    """Where file hashes are cached: $XDG_CACHE_HOME/bloomline (default ~/.cache/bloomline)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "bloomline" / "file-sha256.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes.
+
+    A file in a Hugging Face hub cache is a link to a blob named by its sha256: that name is used as
+    is. Otherwise the hash is read from a small per-user cache keyed by (real path, size, mtime_ns,
+    ctime_ns, inode), else computed by streaming the file and cached. ctime is in the key because
+    `cp -p` or `touch -r` can restore an mtime, but no user call can restore a ctime."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and _HEX64.fullmatch(real.name):
+        return real.name
+    stat = real.stat()
+    key = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+    cache_file = digest_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(real))
+    if isinstance(entry, dict) and entry.get("key") == key:
+        return entry["sha256"]
+    h, buffer = hashlib.sha256(), bytearray(8 << 20)
+    view = memoryview(buffer)
+    with open(real, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    digest = h.hexdigest()
+    after = real.stat()
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns):
+        return digest  # written to while we read it: right for these bytes, not worth caching
+    cache.pop(str(real), None)
+    cache[str(real)] = {"key": key, "sha256": digest}
+    cache = dict(list(cache.items())[-_CACHE_ENTRIES:])  # the most recently hashed files
+    try:  # replaced whole: concurrent runs may lose each other's entry (a rehash), never corrupt the file
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError as e:
+        logging.getLogger("bloomline").warning("cannot cache file hashes in %s (%s): weights are hashed every run",
+                                               cache_file, e)
+    return digest
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CACHE_ENTRIES = 1000

@@ -34,21 +34,36 @@ class JobFailed(RuntimeError):
 
 
 def resolve_model(name: str) -> str:
-    """A local checkpoint directory, or a Hugging Face hub id fetched once into the local cache."""
-    if Path(name).is_dir():
-        return str(Path(name).resolve())
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise FileNotFoundError(f"model {name!r} is not a local directory, and huggingface_hub is not "
-                                    "installed to fetch it from the hub (pip install huggingface_hub)") from None
-        try:
-            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
-        except Exception as e:  # network errors, unknown repos, auth: all mean "cannot fetch"
-            raise FileNotFoundError(f"model {name!r} is not a local directory and could not be fetched from "
-                                    f"the hub: {type(e).__name__}: {e}") from None
-    raise FileNotFoundError(f"model directory {name!r} does not exist")
+    """A local checkpoint directory, or a Hugging Face hub id ("org/name") fetched once into the local cache.
+
+    The local path is checked first. A missing name that reads as a path (it starts with "/", "." or
+    "~", has no slash or more than one, or its first part exists here) is never sent to the hub, and
+    the error names the first part of the path that is missing."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise FileNotFoundError(f"model {name!r} is a file: give the checkpoint's directory (config.json, "
+                                "*.safetensors, tokenizer.json)")
+    missing = next(p for p in [*reversed(path.parents), path] if not p.exists())
+    where = f"{missing.absolute()} does not exist"
+    if not path.is_absolute():
+        # Under `ray job submit --working-dir .` the job runs in an uploaded copy of that directory,
+        # without its gitignored files (demo/, checkpoints): a relative path there is often missing.
+        where += (f" (a relative path is taken from the working directory, {Path.cwd()}; give checkpoints "
+                  "as absolute paths that every node sees)")
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).exists():
+        raise FileNotFoundError(f"model directory {name!r} not found: {where}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"model {name!r} is not a local directory ({where}), and huggingface_hub is not "
+                                "installed to fetch it from the hub (pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # network errors, unknown repos, auth: all mean "cannot fetch"
+        raise FileNotFoundError(f"model {name!r} is not a local directory ({where}) and could not be fetched "
+                                f"from the hub as a model id: {type(e).__name__}: {e}") from None
 
 
 def text_columns(config: LabelConfig) -> list[str]:
@@ -127,11 +142,12 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
             delete_files(config.output, parts + report)
         elif previous is None:
             raise ValueError(f"output {config.output} holds Parquet parts but no {RUN_FILE}: not written by this "
-                             "job; choose another output or set overwrite")
+                             "job; choose another output or rerun with --overwrite (overwrite: true in a config) "
+                             "to delete them")
         elif previous.get("fingerprint") != fingerprint and parts:  # no part written yet: nothing to protect
             raise ValueError(f"output {config.output} was written with another model, task or parameters "
-                             f"(task {previous.get('task')!r}, model {previous.get('model')!r}); set overwrite to "
-                             "replace it or choose another output")
+                             f"(task {previous.get('task')!r}, model {previous.get('model')!r}); rerun with "
+                             "--overwrite (overwrite: true in a config) to replace it, or choose another output")
         elif previous.get("columns", columns) != columns and parts:
             changed = {c: (previous["columns"].get(c), t) for c, t in columns.items() if previous["columns"].get(c) != t}
             raise ValueError(f"output {config.output} has parts whose pass-through columns have other types than "
@@ -218,7 +234,7 @@ def run_label_job(config: LabelConfig) -> dict:
             BloomReplica, fn_constructor_kwargs={"config": config, "num_threads": pool["threads"]},
             compute=ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
             batch_size=config.rows_per_batch, batch_format="pyarrow", num_cpus=pool["num_cpus"],
-            num_gpus=pool["num_gpus"], max_restarts=-1, max_task_retries=-1)
+            num_gpus=pool["num_gpus"])  # Ray Data restarts dead actors and retries their batches by default
         ds = ds.map_batches(write_part, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"output": config.output})
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

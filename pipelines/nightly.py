@@ -36,6 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
@@ -446,9 +447,11 @@ def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict) -> dict:
     return plan
 
 
-def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
+def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[[], None] | None = None) -> dict:
     """Label the new and changed partitions; returns the run report (also in <output>/_report.json).
 
+    connect: called once the output's lock is held and before any labeling (not on a dry run), e.g.
+    to start or join Ray, so that a run that finds the lock held starts nothing.
     Raises LockHeld when another run holds the output, ValueError / FileNotFoundError for a bad
     config before any work. A partition that fails is reported and left as it was (the others go on);
     the report's status is then "failed"."""
@@ -457,6 +460,8 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False) -> dict:
     fingerprints = annotator_fingerprints(config)
     started = time.time()
     with output_lock(root, config.lock_wait, run_id):
+        if connect is not None and not dry_run:
+            connect()
         ledger = read_ledger(root)
         notes = recover(root, ledger)
         if notes:

@@ -34,6 +34,9 @@ from .replica import BloomReplica, RowError
 from .tasks import TASKS, timings
 
 logger = logging.getLogger("bloomline.serve")
+# Our @serve.batch's max_batch_size counts tokens (batch_size_fn), not requests, so Serve's warning that it
+# exceeds max_ongoing_requests compares unlike things: drop that one message.
+logging.getLogger("ray.serve").addFilter(lambda record: "is larger than `max_ongoing_requests`" not in record.getMessage())
 app = FastAPI(title="Bloomline", docs_url=None, redoc_url=None)
 
 
@@ -107,8 +110,8 @@ async def _unexpected(request: Request, e: Exception):
 # ----------------------------------------------------------------------------- the deployment
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=128,
-                  logging_config={"enable_access_log": False}, health_check_period_s=5)
+# No logging_config here: Serve applies a config file's logging_config only to deployments that set none.
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=128, health_check_period_s=5)
 @serve.ingress(app)
 class BloomEndpoint:
     """One BloomReplica per configured task, loaded once per Serve replica.
@@ -388,5 +391,8 @@ def app_from_config(config: dict) -> tuple[serve.Application, str, str, dict]:
     applied."""
     (application,) = config["applications"]
     options = {k: v for d in application.get("deployments", []) for k, v in d.items() if k != "name"}
+    logs = application.get("logging_config") or config.get("logging_config")  # as `serve run` applies them
+    if logs:
+        options.setdefault("logging_config", logs)
     bound = BloomEndpoint.options(**options).bind(**application.get("args", {}))
     return bound, application["name"], application.get("route_prefix", "/"), config.get("http_options", {})

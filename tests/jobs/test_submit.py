@@ -47,7 +47,7 @@ def stop_head(temp_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def head():
     temp = Path("/tmp") / f"rayhead-{os.getpid()}-{time.time_ns() % 10**8}"  # short: Ray's socket paths are limited
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     # Token authentication is on by default in Ray 2.60: the head and the client must agree, here on "off"
     # (loopback only). The job runs the `python` first on the PATH that `ray start` saw: this venv's.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -56,6 +56,9 @@ def head():
     ray_cli = str(Path(sys.executable).parent / "ray")
     started = subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                               "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                              # Not the default 52365: another Ray on this machine may hold it, and then the
+                              # head has no job agent ("No available agent to submit job").
+                              f"--dashboard-agent-listen-port={agent}",
                               f"--temp-dir={temp}", "--disable-usage-stats"],
                              env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr[-2000:]

@@ -1,8 +1,10 @@
 """The labeling job end to end on local Ray: outputs equal the replica's, every row exactly once through
 kills and actor deaths, bad rows and bad inputs handled."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+import bloom
+from bloom.tiny import make_tiny_checkpoint
 from pipelines.config import LabelConfig
 from pipelines.label import JobFailed, pool_resources, run_label_job
 from pipelines.replica import BloomReplica, output_fields
@@ -254,7 +258,8 @@ def test_job_script_help_and_config_file(ray_cluster, checkpoints, corpus, tmp_p
     help_text = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--help"],
                                capture_output=True, text=True, check=True).stdout
     for flag in ("--input", "--output", "--task", "--model", "--text-column", "--id-column", "--num-actors",
-                 "--gpus-per-actor", "--batch-token-budget", "--dtype", "--config"):
+                 "--gpus-per-actor", "--batch-token-budget", "--dtype", "--config", "--ignore-label",
+                 "--repetition-penalty", "--max-text-chars", "--label-prefix", "--overwrite"):
         assert flag in help_text
     (tmp_path / "job.yaml").write_text(f"task: ner\nmodel: {checkpoints['ner']}\ninput: [{corpus}]\n"
                                        f"aggregation_strategy: max\noutput: {tmp_path / 'ignored'}\n")
@@ -264,6 +269,11 @@ def test_job_script_help_and_config_file(ray_cluster, checkpoints, corpus, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ner: 60/60 rows" in done.stdout
     assert json.loads((tmp_path / "out" / "_run.json").read_text())["params"]["aggregation_strategy"] == "max"
+    other = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--config", str(tmp_path / "job.yaml"),
+                            "--output", str(tmp_path / "out"), "--aggregation-strategy", "first"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert other.returncode == 2 and "another model, task or parameters" in other.stderr
+    assert "rerun with --overwrite" in other.stderr  # names the flag that fixes it
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "ner", "--config",
                           str(tmp_path / "job.yaml"), "--aggregation-strategy", "sometimes"],
                          capture_output=True, text=True, env=env, timeout=60)
@@ -317,3 +327,57 @@ def test_mixed_pass_through_types_give_one_table_for_every_reader(ray_cluster, c
                    corpus / "c.parquet")
     with pytest.raises(ValueError, match=r"id: string there, large_string now"):
         run_label_job(config(checkpoints, "classify", corpus, out, keep_columns=["lang"]))
+
+
+def test_a_checkpoint_of_the_same_shape_with_other_weights_is_refused(ray_cluster, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    head = {"id2label": {0: "neg", 1: "pos"}}
+    a = make_tiny_checkpoint(tmp_path / "a", bloom.BloomForSequenceClassification, seed=0, **head)
+    b = make_tiny_checkpoint(tmp_path / "b", bloom.BloomForSequenceClassification, seed=1, **head)
+    first = LabelConfig(task="classify", model=str(a), input=[str(corpus)], output=str(tmp_path / "out"),
+                        rows_per_batch=16)
+    run_label_job(first)
+    with pytest.raises(ValueError, match="another model"):
+        run_label_job(dataclasses.replace(first, model=str(b)))
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["model"] == str(a)
+    shutil.copyfile(b / "model.safetensors", a / "model.safetensors")  # retrained weights, same size
+    with pytest.raises(ValueError, match="another model"):
+        run_label_job(first)
+    assert run_label_job(dataclasses.replace(first, overwrite=True))["rows_labeled_this_run"] == 60
+
+
+def test_a_missing_path_is_not_taken_for_a_hub_id_and_the_missing_part_is_named(tmp_path, monkeypatch):
+    from pipelines.label import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    # As under `ray job submit --working-dir .`: the gitignored demo/ was not uploaded.
+    with pytest.raises(FileNotFoundError, match="absolute paths") as missing_dir:
+        resolve_model("demo/tiny-bloom-ner")
+    assert f"{tmp_path / 'demo'} does not exist" in str(missing_dir.value)
+    (tmp_path / "demo").mkdir()  # its first part exists here: a path, never a hub id
+    with pytest.raises(FileNotFoundError) as missing_child:
+        resolve_model("demo/tiny-bloom-ner")
+    assert f"{tmp_path / 'demo' / 'tiny-bloom-ner'} does not exist" in str(missing_child.value)
+    assert "hub" not in str(missing_child.value)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist") as absolute:
+        resolve_model(str(tmp_path / "nope" / "model"))
+    assert "hub" not in str(absolute.value)
+    (tmp_path / "demo" / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file: give the checkpoint's directory"):
+        resolve_model("demo/weights.safetensors")
+
+
+def test_every_setting_has_a_flag():
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_corpus", ROOT / "jobs" / "label_corpus.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config, _ = script.parse_args(["--task", "ner", "--ignore-label", "O", "--ignore-label", "B-MISC",
+                                   "--repetition-penalty", "1.3", "--max-text-chars", "500", "--label-prefix", ": "])
+    assert config.ignore_labels == ["O", "B-MISC"] and config.repetition_penalty == 1.3
+    assert config.max_text_chars == 500 and config.label_prefix == ": "
+    flagged = {dest for _, dest, _, _ in script.FLAGS} | {"task", "do_sample", "overwrite"}
+    assert {f.name for f in dataclasses.fields(LabelConfig)} - flagged == set()

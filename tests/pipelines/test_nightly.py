@@ -323,3 +323,44 @@ def test_publish_replaces_whole_and_recover_repairs_a_killed_publish(tmp_path, m
     # The ledger follows the published manifests: date=1 (published, not in the ledger) added,
     # date=9 (in the ledger, not published) dropped.
     assert ledger["partitions"] == {"date=1": entry} and len(notes) == 3
+
+
+def test_weights_copied_over_an_annotators_checkpoint_relabel_its_partitions(ray_cluster, tmp_path, monkeypatch):
+    import shutil
+
+    import bloom
+    from bloom.tiny import make_tiny_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    head = {"id2label": {0: "neg", 1: "pos"}}
+    model = make_tiny_checkpoint(tmp_path / "model", bloom.BloomForSequenceClassification, seed=0, **head)
+    retrained = make_tiny_checkpoint(tmp_path / "retrained", bloom.BloomForSequenceClassification, seed=1, **head)
+    corpus = make_corpus(tmp_path / "corpus", {1: 6, 2: 6})
+    out = tmp_path / "out"
+    cfg = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "model": str(model)}))
+    assert len(run_nightly(cfg)["published"]) == 2
+    shutil.copyfile(retrained / "model.safetensors", model / "model.safetensors")
+    again = run_nightly(cfg)
+    assert sorted(again["changed"]) == ["date=2026-11-01", "date=2026-11-02"] and len(again["published"]) == 2
+    rows = pq.read_table(corpus / "date=2026-11-01").sort_by("id")
+    want = BloomReplica(LabelConfig(task="classify", model=str(retrained)))(rows)
+    got = pq.read_table(out / "date=2026-11-01").sort_by("id")
+    assert got.column("topic_score").to_pylist() == pytest.approx(want.column("score").to_pylist(), abs=1e-4)
+
+
+def test_a_run_that_finds_the_lock_held_starts_no_ray(tmp_path, checkpoints):
+    import fcntl
+
+    corpus = make_corpus(tmp_path / "corpus", {1: 4})
+    out = tmp_path / "out"
+    config = nightly_yaml(tmp_path, corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])})
+    out.mkdir()
+    temp = tmp_path / "ray-temp"
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)  # a local Ray would be started
+    with open(out / "_lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run([sys.executable, SCRIPT, "--config", str(config)], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert done.returncode == 75 and "another nightly run holds" in done.stderr
+    assert not list(temp.glob("**/session_*"))  # no Ray was started

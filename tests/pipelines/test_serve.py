@@ -179,6 +179,31 @@ def test_serve_config_is_valid_for_ray():
     assert config.logging_config.encoding == "JSON" and config.logging_config.enable_access_log is False
 
 
+def test_replicas_log_json_lines_as_serve_config_says_and_no_batch_size_warning(server):
+    import ray
+    from ray import serve
+
+    from pipelines.serve import BloomEndpoint
+
+    # `serve run serve_config.yaml` applies the file's logging_config only to deployments that set none in code.
+    assert BloomEndpoint._deployment_config.logging_config is None
+    base = _deploy(server, "jsonlogs", {"autoscaling_config": None, "num_replicas": 1,
+                                        "ray_actor_options": {"num_cpus": 0.25}})  # as jobs/serve_bloom.py does
+    try:
+        answer = requests.post(base + "/v1/generate", json={"inputs": ""}, headers={"Authorization": f"Bearer {KEY}"},
+                               timeout=60)
+        assert answer.status_code in (200, 422)
+        logs = list((Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve").glob(
+            "replica_jsonlogs_BloomEndpoint_*.log"))
+        lines = [line for path in logs for line in path.read_text().splitlines() if line.strip()]
+        assert lines
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert all("message" in r for r in records)
+        assert not [r for r in records if "max_ongoing_requests" in r["message"]]
+    finally:
+        serve.delete("jsonlogs")
+
+
 def test_batching_is_retuned_without_a_redeploy(server):
     from ray import serve
 

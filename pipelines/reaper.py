@@ -1,0 +1,65 @@
+"""Stop a local Ray's processes when the driver that started it dies, however it dies.
+
+`ray.init()` without an address starts a local Ray whose head processes die with the driver, but the
+raylet's agents (ray::DashboardAgent, ray::RuntimeEnvAgent) outlive a driver killed by SIGKILL or the
+OOM killer, whose clean-up never runs. `watch(node_id)` starts this module as a small process of its
+own session that waits on a pipe only the driver holds open; when the pipe closes (the driver exited
+or was killed), it stops every process of that Ray node, found by the RAY_NODE_ID that Ray puts in
+the environment of each process it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRACE_S = 3.0  # after a clean exit Ray stops its own processes; give them this long before SIGKILL
+_held: list[int] = []  # the pipe's write end: open for the driver's lifetime, closed by the kernel at its end
+
+
+def watch(node_id: str) -> None:
+    """Start the reaper for the local Ray node `node_id` (hex), tied to this process's lifetime."""
+    read, write = os.pipe()  # not inherited by the processes this driver starts later (PEP 446)
+    subprocess.Popen([sys.executable, "-m", "pipelines.reaper", node_id, str(read)], pass_fds=(read,),
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)  # holds no pipe of a caller capturing the driver's output
+    os.close(read)
+    _held.append(write)
+
+
+def node_processes(node_id: str) -> list[int]:
+    """PIDs of this user's processes started for the Ray node `node_id` (this one excluded)."""
+    tag = f"RAY_NODE_ID={node_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if tag in environ.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def main(node_id: str, fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # outlive a Ctrl-C that stops the driver
+    while os.read(fd, 4096):
+        pass
+    deadline = time.monotonic() + GRACE_S
+    while (pids := node_processes(node_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
