@@ -19,13 +19,12 @@ float32, packed for CPU as the replica does.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
+
+from common import describe, machine, write_results
 
 import torch
 
@@ -34,19 +33,6 @@ from bloom.tiny import randomise_
 
 ROOT = Path(__file__).resolve().parent
 MAX_NEW = 256
-
-
-def machine() -> dict:
-    """CPU model and the flags that decide bf16 speed, from lscpu (as the README names the machine)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {"cpu": fields.get("Model name", platform.processor()).strip(),
-            "bf16_flags": sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16"),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()}
 
 
 def corpus(rows: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -100,7 +86,7 @@ def main(argv=None) -> int:
     budget = args.batch_rows * (48 + MAX_NEW)  # the static batch's padded tokens at its longest
     generated = sum(lengths)
     info = machine()
-    print(f"machine: {info['cpu']}, bf16 flags {info['bf16_flags'] or 'none'}, {info['threads']} threads")
+    print(f"machine: {describe(info)}, {info['threads']} threads")
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, float32, {packed} Linear packed")
     print(f"corpus: {args.rows} rows, prompts 8-48 tokens, completions 4-{MAX_NEW} ({generated} tokens); "
           f"budget {budget} tokens = {args.batch_rows} static rows x (48 + {MAX_NEW})")
@@ -131,8 +117,7 @@ def main(argv=None) -> int:
         print(f"{name:<18}{sec:>9.2f}{args.rows / sec:>9.1f}{generated / sec:>10.0f}{base / sec:>9.2f}x"
               f"{occupancy[name]:>11.1f}{same:>12}/{args.rows}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return 0
 
 

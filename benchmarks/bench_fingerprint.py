@@ -12,24 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from common import describe, machine
+
 from pipelines.config import file_sha256
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    name = fields.get("Model name", "?").strip()
-    return f"{name}, {os.cpu_count()} CPUs, sha_ni={'sha_ni' in flags}, avx512_bf16={'avx512_bf16' in flags}"
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -68,7 +57,7 @@ def main() -> None:
         disk = timed(first_hash)
         cached_pages = min(timed(first_hash) for _ in range(3))
         cached_hash = min(timed(lambda: file_sha256(path)) for _ in range(20))
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(machine())}")
     print(f"file: {mb:.0f} MB in {args.dir}")
     print(f"first run, read from disk:        {mb / disk:8.0f} MB/s ({disk:.2f} s)")
     print(f"first run, from the page cache:   {mb / cached_pages:8.0f} MB/s ({cached_pages:.2f} s)")

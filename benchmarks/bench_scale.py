@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import describe, machine, write_results
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,14 +43,6 @@ from pipelines import corpus as C  # noqa: E402
 
 ROW_GROUP = 1000
 TEXTS = np.array(["short text", "a somewhat longer line of text to label", "ein Satz", "une phrase en français"])
-
-
-def machine() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    bf16 = [f for f in flags if "bf16" in f or f == "amx_tile"]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, bf16 flags: {' '.join(bf16) or 'none'}"
 
 
 def vm(field: str) -> int:
@@ -181,7 +175,7 @@ def main() -> None:
         print(json.dumps(measure(*args.measure)))
         return
     results = {"machine": machine(), "part_rows": args.part_rows, "row_group_rows": ROW_GROUP, "sizes": []}
-    print(results["machine"])
+    print(describe(results["machine"]))
     for spec in filter(None, args.sizes.split(",")):
         rows, files = map(int, spec.split(":"))
         r = bookkeeping(rows, files, args.part_rows, args.scratch)
@@ -199,8 +193,7 @@ def main() -> None:
     if args.e2e:
         results["e2e"] = end_to_end(args.e2e, args.scratch)
         print(f"end to end: {results['e2e']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

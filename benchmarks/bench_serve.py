@@ -9,7 +9,6 @@ max_batch_tokens=1 (every request its own forward), set through user_config, as 
 """
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -18,6 +17,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from common import machine, write_results
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/classify"
     texts = [SAMPLE_TEXT[i % len(SAMPLE_TEXT)] for i in range(args.requests)]
-    results = {"requests": args.requests, "clients": args.clients, "model_hidden": args.hidden, "runs": {}}
+    results = {"machine": machine(), "requests": args.requests, "clients": args.clients, "model_hidden": args.hidden, "runs": {}}
 
     def one(text):
         start = time.perf_counter()
@@ -83,9 +84,7 @@ def main(argv=None) -> int:
               f"p99 {run['p99_ms']:6.1f} ms ({ok}/{len(done)} ok, {args.clients} clients)")
     serve.shutdown()
     ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return 0
 
 

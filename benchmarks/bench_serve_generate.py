@@ -17,23 +17,15 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import describe, machine, write_results
+
 ROOT = Path(__file__).resolve().parent
-
-
-def machine() -> dict:
-    """CPU model, its bf16 features and core count (figures are only comparable on the same machine)."""
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = info.get("Flags", "").split()
-    return {"cpu": info.get("Model name", "?").strip(), "cores": os.cpu_count(),
-            "bf16_flags": [f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")]}
 
 
 def pct(values, q):
@@ -161,12 +153,10 @@ def main(argv=None) -> int:
           "TPOT p50 {tpot_p50_ms:.1f} ms p99 {tpot_p99_ms:.1f} ms".format(**results["stream"]))
     results["engine"] = requests.get(base + "/v1/stats", timeout=10).json()["engine"]
     print(f"engine: mean rows per step {results['engine']['mean_rows_per_step']:.1f}, ended {results['engine']['ended']}")
-    print(f"machine: {results['machine']}")
+    print(f"machine: {describe(results['machine'])}")
     serve.shutdown()
     ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ import math
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 import bloom

@@ -1,6 +1,5 @@
 """BloomReplica: each task's output for a batch equals the model called directly on each row alone."""
 
-import math
 import random
 import threading
 import time
