@@ -67,8 +67,16 @@ def main(argv=None) -> int:
     print(f"{verb} {len(report['new'])} new and {len(report['changed'])} changed partition(s); "
           f"{len(report['unchanged'])} unchanged; {len(report['deleted'])} gone from the corpus"
           + (f" ({len(report['pruned'])} pruned)" if report["pruned"] else ""))
+    if args.dry_run:
+        for kind in ("new", "changed", "unchanged", "deleted"):
+            for key in report[kind]:
+                print(f"  {kind:9s} {key}")
+    names = [a.name for a in config.annotators]
     for item in report["published"]:
-        print(f"published {item['partition']}: {item['rows']} rows, errored {item['errored_rows']}")
+        reused = item.get("reused") or []
+        relabeled = [n for n in names if n not in reused]
+        print(f"published {item['partition']}: {item['rows']} rows, errored {item['errored_rows']}; "
+              f"relabeled: {', '.join(relabeled) or 'none'}; reused: {', '.join(reused) or 'none'}")
     for key, why in report["failed"].items():
         print(f"FAILED {key}: {why}", file=sys.stderr)
     print(json.dumps({k: report[k] for k in ("status", "run_id", "rows_labeled")}

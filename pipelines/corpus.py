@@ -308,15 +308,41 @@ def part_name(source: str, first: int, rows: int, errored: int, tokens: int) -> 
     return f"part-{source_id(source)}-{first:012d}-{rows}-e{errored}-t{tokens}.parquet"
 
 
-def write_part(batch: pa.Table, output: str) -> pa.Table:
+def error_reasons(batch: pa.Table, id_column: str | None, samples: int = 3) -> dict:
+    """Errored rows of a batch by reason (the error's text with its numbers as N): {reason: [rows, [ids]]}."""
+    out: dict[str, list] = {}
+    errors = batch.column("error").to_pylist()
+    ids = batch.column(id_column).to_pylist() if id_column in batch.column_names else [None] * len(errors)
+    for error, row_id in zip(errors, ids):
+        if error is not None:
+            entry = out.setdefault(re.sub(r"\d+", "N", error), [0, []])
+            entry[0] += 1
+            if len(entry[1]) < samples:
+                entry[1].append(str(row_id))
+    return out
+
+
+def merge_reasons(total: dict, more: dict, samples: int = 3) -> dict:
+    for reason, (rows, ids) in more.items():
+        entry = total.setdefault(reason, [0, []])
+        entry[0] += rows
+        entry[1] = (entry[1] + ids)[:samples]
+    return total
+
+
+def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa.Table:
     """Ray Data write step: the batch's rows sorted by key and cut into runs of consecutive rows of one
     file, one part per run (named by `part_name`); returns a one-row summary.
 
     Checks its own keys: a row twice in one batch is an error here, where the data is, so the driver
     only compares intervals. Same rows, same name: a retried write replaces its part."""
-    summary = {"rows": [batch.num_rows], "errored": [0], "input_tokens": [0], "parts": [0]}
+    summary = {"rows": [batch.num_rows], "errored": [0], "input_tokens": [0], "parts": [0], "reasons": ["{}"],
+               "generated_tokens": [0]}
     if batch.num_rows == 0:
         return pa.table(summary)
+    summary["reasons"] = [json.dumps(error_reasons(batch, id_column))]
+    if "completion_tokens" in batch.column_names:
+        summary["generated_tokens"] = [int(pc.sum(batch.column("completion_tokens")).as_py() or 0)]
     batch = batch.sort_by([("_source", "ascending"), ("_row", "ascending")])
     sources = batch.column("_source").to_numpy(zero_copy_only=False)
     rows = batch.column("_row").to_numpy()

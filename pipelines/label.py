@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import pyarrow.compute as pc
 import bloom
 
 from .config import LabelConfig, model_fingerprint
-from .corpus import (check_output, delete_files, filesystem, list_input_files, list_parts, pending, plan, read_row_groups,
-                     scan_output, verify, write_part)
+from .corpus import (check_output, delete_files, filesystem, list_input_files, list_parts, merge_reasons, pending,
+                     plan, read_row_groups, scan_output, verify, write_part)
 from .replica import BloomReplica, check_model
 from .tasks import TASKS
 
@@ -195,6 +196,24 @@ def check_job(config: LabelConfig) -> LabelConfig:
     return check_checkpoint(config)
 
 
+class Progress:
+    """A progress line on stderr every `every` seconds (a terminal, a pseudo-terminal or a log alike):
+    rows labeled of the rows to label, rows/s and the time left at that rate."""
+
+    def __init__(self, total: int, every: float = 5.0):
+        self.total, self.every, self.start = total, every, time.time()
+        self.last = self.start
+
+    def show(self, done: int, last: bool = False) -> None:
+        now = time.time()
+        if not last and now - self.last < self.every:
+            return
+        self.last, rate = now, done / max(now - self.start, 1e-9)
+        eta = f", {(self.total - done) / rate:,.0f} s left" if rate and done < self.total else ""
+        print(f"labeled {done:,} of {self.total:,} rows ({done / max(self.total, 1):.0%}), {rate:,.1f} rows/s{eta}",
+              file=sys.stderr, flush=True)
+
+
 def run_label_job(config: LabelConfig) -> dict:
     """Label config.input into config.output on the Ray cluster this process is connected to.
 
@@ -222,7 +241,8 @@ def run_label_job(config: LabelConfig) -> dict:
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
-    run_rows = run_tokens = 0
+    run_rows = run_tokens = generated = 0
+    errors: dict[str, list] = {}
     if todo:
         logger.info("labeling %d units (row groups or slices) with %s", len(todo), pool)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -235,10 +255,16 @@ def run_label_job(config: LabelConfig) -> dict:
             batch_size=config.rows_per_batch, batch_format="pyarrow", num_cpus=pool["num_cpus"],
             num_gpus=pool["num_gpus"])  # Ray Data restarts dead actors and retries their batches by default
         ds = ds.map_batches(write_part, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"output": config.output})
+                            fn_kwargs={"output": config.output, "id_column": config.id_column})
+        progress = Progress(sum(u["num_rows"] - sum(b - a for a, b in json.loads(u["done"])) for u in todo))
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             run_rows += pc.sum(summary.column("rows")).as_py() or 0
             run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
+            generated += pc.sum(summary.column("generated_tokens")).as_py() or 0
+            for reasons in summary.column("reasons").to_pylist():
+                merge_reasons(errors, json.loads(reasons))
+            progress.show(run_rows)
+        progress.show(run_rows, last=True)
 
     # Exactly-once from the listing: each part's keys were checked where it was written.
     state = scan_output(config.output)
@@ -251,7 +277,12 @@ def run_label_job(config: LabelConfig) -> dict:
         "tokens_per_second": round(run_tokens / wall, 3) if wall else None,
         "pool": pool, "parameters": config.task_params(), "input_files": len(files), "output": config.output,
         "parts": state.parts, "units": len(corpus.units),
+        "errors_this_run": {reason: {"rows": n, "sample_ids": ids}
+                            for reason, (n, ids) in sorted(errors.items(), key=lambda e: -e[1][0])},
     }
+    if config.task == "generate":
+        report["generated_tokens_this_run"] = generated
+        report["generated_tokens_per_second"] = round(generated / wall, 3) if wall else None
     problems = verify(corpus, state)
     if problems:
         problems.insert(0, f"the output holds {state.rows} rows for {rows_in} input rows")

@@ -111,19 +111,25 @@ async def _unexpected(request: Request, e: Exception):
 
 
 # No logging_config here: Serve applies a config file's logging_config only to deployments that set none.
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=128, health_check_period_s=5)
+# Ray admits up to max_ongoing_requests per replica, above the app's own max_requests, so that the app
+# sheds load itself with a 503 in its error shape; Ray's queue (plain-text 503) is only a backstop.
+@serve.deployment(max_ongoing_requests=256, max_queued_requests=64, health_check_period_s=5)
 @serve.ingress(app)
 class BloomEndpoint:
     """One BloomReplica per configured task, loaded once per Serve replica.
 
     tasks: {task: LabelConfig fields} (model, dtype, limits, default parameters).
-    max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 422."""
+    max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 422.
+    max_requests: labeling requests and streams this replica holds at once (running or waiting for the
+    batcher or the engine); more get 503 at once, to be retried (or sent to another replica)."""
 
-    def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512):
+    def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512,
+                 max_requests: int = 192):
         self.replicas = {task: BloomReplica(LabelConfig(task=task, **settings),
                                             max_new_tokens_cap=max_new_tokens_cap if task == "generate" else None)
                          for task, settings in tasks.items()}
         self.max_body_bytes, self.max_new_tokens_cap = max_body_bytes, max_new_tokens_cap
+        self.max_requests, self.held = max_requests, 0  # held: requests in progress (one event loop: no lock)
         if "generate" in self.replicas:  # every generation request joins this engine's running batch
             self.replicas["generate"].start_engine()
         # Threads that only wait for a sequence to end (the engine computes on its own thread).
@@ -175,10 +181,25 @@ class BloomEndpoint:
                 out[i] = r
         return out
 
+    def _hold(self, count: bool = True) -> None:
+        """Count a request in (count=False: only check), or refuse it with 503 when the replica holds
+        max_requests already."""
+        if self.held >= self.max_requests:
+            self.requests.inc(1, {"route": "any", "status": "503"})
+            raise ApiError(503, f"this replica is busy with {self.held} requests (max_requests); retry shortly")
+        self.held += count
+
     async def _label(self, route: str, task: str, rows: list[dict], params: dict, single: bool,
                      field: str = "inputs", listed: bool | None = None):
         """Label a request's rows through the batcher; 422 naming the first item that cannot be labeled.
         single: answer one object (else {"results": [...]}); field / listed: how the request named its items."""
+        self._hold()
+        try:
+            return await self._label_held(route, task, rows, params, single, field, listed)
+        finally:
+            self.held -= 1
+
+    async def _label_held(self, route, task, rows, params, single, field, listed):
         listed = not single if listed is None else listed
         start = time.perf_counter()
         params = self._validate(task, params)
@@ -330,6 +351,7 @@ class BloomEndpoint:
                     replica.prompt_ids(row, c)
                 except RowError as e:
                     raise ApiError(422, f"prompt{'' if isinstance(req.prompt, str) else f'[{i}]'}: {e}") from None
+            self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
             return StreamingResponse(self._stream(cid, created, model_name, prompts, params),
                                      media_type="text/event-stream")
         body = await self._label("completions", "generate", rows, params, single=False, field="prompt",
@@ -346,6 +368,14 @@ class BloomEndpoint:
         """Server-sent events in OpenAI's format: chunks of text as tokens are generated (prompts one after
         another), a chunk with each prompt's finish_reason, then [DONE]. Each prompt is a sequence of the
         engine's running batch; a client that goes away aborts it (its cache slot is free the next step)."""
+        self.held += 1
+        try:
+            async for event in self._events(cid, created, model_name, prompts, params):
+                yield event
+        finally:
+            self.held -= 1
+
+    async def _events(self, cid, created, model_name, prompts, params):
         replica = self.replicas["generate"]
         for i, prompt in enumerate(prompts):
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,

@@ -187,6 +187,22 @@ def test_bad_rows_are_reported_per_row_and_nothing_is_lost(ray_cluster, checkpoi
     assert out["n1"]["error"] == "text is not a string (got int64)"
     assert "not valid UTF-8" in out["surrogate"]["error"]
     assert all(out[r["id"]]["error"] is None and out[r["id"]]["label"] for r in good)
+    reasons = report["errors_this_run"]  # errored rows by reason, with sample ids
+    assert reasons["text is not a string (got intN)"] == {"rows": 2, "sample_ids": ["n1", "n2"]}
+    assert reasons["text has N characters, over the limit of N"] == {"rows": 1, "sample_ids": ["big"]}
+    assert sum(r["rows"] for r in reasons.values()) == 6
+
+
+def test_progress_line_counts_rows_rate_and_time_left(capsys):
+    from pipelines.label import Progress
+
+    progress = Progress(total=1000, every=0.0)
+    progress.start -= 10  # ten seconds in
+    progress.show(250)
+    line = capsys.readouterr().err
+    assert line.startswith("labeled 250 of 1,000 rows (25%), 25.0 rows/s, 30 s left"), line
+    progress.show(1000, last=True)
+    assert "labeled 1,000 of 1,000 rows (100%)" in capsys.readouterr().err
 
 
 def test_too_many_errors_fail_the_job_loudly_but_keep_the_rows(ray_cluster, checkpoints, tmp_path):

@@ -295,6 +295,18 @@ def test_an_annotator_whose_model_cannot_do_its_task_is_named_before_any_work(ra
     assert not (out / "_report.json").exists() and not list(out.glob("date=*"))
 
 
+def test_dry_run_lists_the_partitions(tmp_path, checkpoints):
+    corpus = make_corpus(tmp_path / "corpus", {1: 4, 2: 4})
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(settings(corpus, tmp_path / "out", {"name": "topic", "task": "classify",
+                                                                       "model": str(checkpoints["classify"])})))
+    done = subprocess.run([sys.executable, SCRIPT, "--config", str(path), "--dry-run"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = [line.split() for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert listed == [["new", "date=2026-11-01"], ["new", "date=2026-11-02"]]
+
+
 def test_publish_replaces_whole_and_recover_repairs_a_killed_publish(tmp_path, monkeypatch):
     root = tmp_path / "out"
     final = root / "date=1"

@@ -148,7 +148,7 @@ def test_concurrent_clients_are_batched(server):
     assert max(sizes["batch_sizes"]) > 1
 
 
-def _deploy(server, name, overrides, user_config=None):
+def _deploy(server, name, overrides, user_config=None, args=None):
     """Another application from serve_config.yaml on the same Serve instance, under /<name>."""
     import yaml
     from ray import serve
@@ -159,6 +159,7 @@ def _deploy(server, name, overrides, user_config=None):
     application = config["applications"][0]
     application.update(name=name, route_prefix=f"/{name}")
     application["args"]["tasks"] = {"generate": server[1]["generate"], "classify": server[1]["classify"]}
+    application["args"].update(args or {})
     deployment = application["deployments"][0]
     deployment.update(overrides)
     if user_config is not None:
@@ -244,6 +245,25 @@ def test_overload_answers_503_fast_and_recovers(server):
         assert requests.post(base + "/v1/generate", json=body, headers=auth, timeout=60).status_code == 200
     finally:
         serve.delete("small")
+
+
+def test_the_app_sheds_load_with_a_503_in_its_error_shape(server):
+    from ray import serve
+
+    base = _deploy(server, "shedding", {"autoscaling_config": None, "num_replicas": 1,
+                                        "ray_actor_options": {"num_cpus": 0.25}}, args={"max_requests": 2})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 48}}
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: requests.post(base + "/v1/generate", json=body, headers=auth,
+                                                            timeout=60), range(16)))
+        busy = [a for a in answers if a.status_code == 503]
+        assert busy and {a.status_code for a in answers} <= {200, 503}
+        assert all(a.json()["error"]["code"] == 503 and "max_requests" in a.json()["error"]["message"] for a in busy)
+        assert requests.post(base + "/v1/generate", json=body, headers=auth, timeout=60).status_code == 200
+    finally:
+        serve.delete("shedding")
 
 
 def test_autoscaling_goes_to_two_replicas_under_load_and_back(server):
