@@ -57,7 +57,8 @@ def test_write_part_cuts_runs_of_one_file_in_order_and_a_retry_rewrites_the_same
     out.mkdir()
     batch = pa.concat_tables([labeled("b", [5, 3, 4], errored={4}), labeled("a", [0, 1, 7])])
     summary = C.write_part(batch, str(out)).to_pylist()[0]
-    assert summary == {"rows": 6, "errored": 1, "input_tokens": 18, "parts": 3}
+    assert summary == {"rows": 6, "errored": 1, "input_tokens": 18, "parts": 3, "generated_tokens": 0,
+                       "reasons": '{"bad": [1, ["None"]]}'}  # no id column here: sample ids are None
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([C.part_name("a", 0, 2, 0, 6), C.part_name("a", 7, 1, 0, 3), C.part_name("b", 3, 3, 1, 9)])
     part = pq.read_table(out / C.part_name("b", 3, 3, 1, 9))
