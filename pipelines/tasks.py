@@ -216,7 +216,10 @@ class Generate(Task):
         out, sent = [], 0
         for token in seq.stream():
             out.append(token)
-            if seq.finish_reason is None:  # the last token may complete a stop string: wait for the result
+            # The last token may complete a stop string: its text waits for the result. (The engine sets
+            # finish_reason before it hands the last token over, so a token read later than the end is
+            # known not to be the last by the count.)
+            if seq.finish_reason is None or len(out) < len(seq.output_ids):
                 text = replica.tokenizer.decode(out, skip_special_tokens=True)
                 safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
                 if safe > sent:

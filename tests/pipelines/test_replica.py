@@ -305,3 +305,20 @@ def test_closing_a_stream_aborts_its_sequence_and_frees_its_slot(checkpoints, mo
     rep.engine.step()
     stats = rep.engine.stats()
     assert stats["ended"] == {"abort": 1} and stats["slots_used"] == 0 and not rep.engine.has_work
+
+
+def test_a_stream_read_after_its_sequence_ended_still_comes_token_by_token(checkpoints, monkeypatch):
+    """A reader slower than the engine (the whole sequence done before its first read) still gets the
+    text piece by piece, and the stop string never shows."""
+    rep = replica(checkpoints, "generate", max_new_tokens=12)
+    monkeypatch.setattr(rep, "start_engine", lambda: None)  # stepped by hand below
+    row = corpus_rows(1)[0]
+    alone = rep.label_rows([row])[0]
+    stop = alone["generated_text"][6:8]
+    assert stop
+    want = rep.label_rows([row], [{"stop": [stop]}])[0]
+    seq, texts = rep.open_stream(row, {"stop": [stop]})
+    rep.engine.run()  # done before anything is read
+    pieces = list(texts)
+    assert pieces[-1][1]["generated_text"] == want["generated_text"] == "".join(t for t, _ in pieces)
+    assert sum(1 for t, _ in pieces if t) > 1 and stop not in "".join(t for t, _ in pieces)
