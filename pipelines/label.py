@@ -202,13 +202,13 @@ class Progress:
 
     def __init__(self, total: int, every: float = 5.0):
         self.total, self.every, self.start = total, every, time.time()
-        self.last = self.start
+        self.last, self.shown = self.start, None
 
     def show(self, done: int, last: bool = False) -> None:
         now = time.time()
-        if not last and now - self.last < self.every:
+        if (not last and now - self.last < self.every) or done == self.shown:
             return
-        self.last, rate = now, done / max(now - self.start, 1e-9)
+        self.last, self.shown, rate = now, done, done / max(now - self.start, 1e-9)
         eta = f", {(self.total - done) / rate:,.0f} s left" if rate and done < self.total else ""
         print(f"labeled {done:,} of {self.total:,} rows ({done / max(self.total, 1):.0%}), {rate:,.1f} rows/s{eta}",
               file=sys.stderr, flush=True)
