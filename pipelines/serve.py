@@ -205,12 +205,12 @@ class BloomEndpoint:
         params = self._validate(task, params)
         if not rows:
             raise ApiError(422, f"{field} is empty")
-        # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
-        # forms a batch of its own rather than being refused by Serve.
-        size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
         if task == "generate":
             results = await self._generate(rows, params, field, listed)
         else:  # classify, ner, qa: batched together, never behind a generation
+            # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
+            # forms a batch of its own rather than being refused by Serve.
+            size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
             results = await asyncio.gather(*[self._run_batch((task, row, params or None, size)) for row in rows])
         for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 422)
             if r.get("error"):

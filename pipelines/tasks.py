@@ -176,7 +176,7 @@ class Generate(Task):
         # A row's seed depends on its prompt only, so sampling does not depend on how rows are batched.
         return zlib.crc32(f"{c.seed}\x00{str(prompt)}".encode())
 
-    def generation_params(self, c: LabelConfig, prompt, tokenizer=None) -> GenerationParams:
+    def generation_params(self, c: LabelConfig, prompt) -> GenerationParams:
         """One row's settings for the engine."""
         return GenerationParams(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature,
                                 top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
