@@ -4,6 +4,7 @@ the openai client, limits, auth, and batching of concurrent clients."""
 import json
 import random
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,6 +225,12 @@ def test_batching_is_retuned_without_a_redeploy(server):
         assert one["max_batch_tokens"] == 1 and max(one["batch_sizes"]) == 1
         _deploy(server, "tuned", {"autoscaling_config": None, "num_replicas": 1,
                                   "ray_actor_options": {"num_cpus": 0.25}}, {"max_batch_tokens": 8192})
+        # serve.run can return before the running replica's reconfigure (which clears the seen sizes):
+        # wait until the replica reports the new setting, then flood.
+        deadline = time.monotonic() + 60
+        while requests.get(base + "/v1/stats", headers=auth, timeout=10).json()["max_batch_tokens"] != 8192:
+            assert time.monotonic() < deadline, "the replica never applied the new user_config"
+            time.sleep(0.2)
         many = flood()
         assert many["max_batch_tokens"] == 8192 and max(many["batch_sizes"]) > 1
     finally:
@@ -268,7 +275,6 @@ def test_the_app_sheds_load_with_a_503_in_its_error_shape(server):
 
 def test_autoscaling_goes_to_two_replicas_under_load_and_back(server):
     import threading
-    import time
 
     from ray import serve
 
