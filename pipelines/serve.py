@@ -151,35 +151,39 @@ class BloomEndpoint:
                               for name in ("running", "waiting", "slots_used", "cache_tokens_held")}
         self.batches_seen: list[int] = []  # recent batch sizes, for /v1/stats (observing batching in tests)
         self.batch_settings = {"max_batch_tokens": 8192, "batch_wait_timeout_s": 0.01}
+        # Classify, NER and QA each batch on a queue of their own (and generation on the engine), so that
+        # no task's request waits behind another task's batch.
+        self.batchers = {task: self._batcher(task) for task in self.replicas if task != "generate"}
 
     def reconfigure(self, user_config: dict) -> None:
         """user_config: {max_batch_tokens, batch_wait_timeout_s}; applied without a redeploy."""
         unknown = set(user_config) - {"max_batch_tokens", "batch_wait_timeout_s"}
         if unknown:
             raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
-        if "max_batch_tokens" in user_config:
-            self._run_batch.set_max_batch_size(int(user_config["max_batch_tokens"]))
-        if "batch_wait_timeout_s" in user_config:
-            self._run_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        for batcher in self.batchers.values():
+            if "max_batch_tokens" in user_config:
+                batcher.set_max_batch_size(int(user_config["max_batch_tokens"]))
+            if "batch_wait_timeout_s" in user_config:
+                batcher.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         self.batch_settings.update(user_config)
         self.batches_seen = []
 
-    # -- batching: every route's items go through one batched method, grouped by task inside --
+    # -- batching: one queue per labeling task; a batch's items are one task's rows, with their own parameters
 
-    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.01,
-                 batch_size_fn=lambda items: sum(item[3] for item in items))
-    async def _run_batch(self, items: list[tuple[str, dict, dict | None, int]]) -> list[dict]:
-        """items: (task, row, params, token estimate) → one result per item, in order."""
-        self.batch_sizes.observe(len(items))
-        self.batches_seen = (self.batches_seen + [len(items)])[-1000:]
-        out: list[dict | None] = [None] * len(items)
-        for task in {item[0] for item in items}:
-            idx = [i for i, item in enumerate(items) if item[0] == task]
-            results = await asyncio.get_running_loop().run_in_executor(
-                None, self.replicas[task].label_rows, [items[i][1] for i in idx], [items[i][2] for i in idx])
-            for i, r in zip(idx, results):
-                out[i] = r
-        return out
+    def _batcher(self, task: str):
+        """An async function of one (row, params, token estimate) item → its result, batched by Serve with
+        the other items of `task` up to max_batch_tokens (re-tunable in reconfigure)."""
+        replica = self.replicas[task]
+
+        async def run(items: list[tuple[dict, dict | None, int]]) -> list[dict]:
+            self.batch_sizes.observe(len(items))
+            self.batches_seen = (self.batches_seen + [len(items)])[-1000:]
+            return await asyncio.get_running_loop().run_in_executor(
+                None, replica.label_rows, [row for row, _, _ in items], [params for _, params, _ in items])
+
+        return serve.batch(max_batch_size=int(self.batch_settings["max_batch_tokens"]),
+                           batch_wait_timeout_s=float(self.batch_settings["batch_wait_timeout_s"]),
+                           batch_size_fn=lambda items: sum(item[2] for item in items))(run)
 
     def _hold(self, count: bool = True) -> None:
         """Count a request in (count=False: only check), or refuse it with 503 when the replica holds
@@ -207,11 +211,11 @@ class BloomEndpoint:
             raise ApiError(422, f"{field} is empty")
         if task == "generate":
             results = await self._generate(rows, params, field, listed)
-        else:  # classify, ner, qa: batched together, never behind a generation
+        else:  # classify, ner, qa: each batched on its own queue, never behind a generation or each other
             # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
             # forms a batch of its own rather than being refused by Serve.
             size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
-            results = await asyncio.gather(*[self._run_batch((task, row, params or None, size)) for row in rows])
+            results = await asyncio.gather(*[self.batchers[task]((row, params or None, size)) for row in rows])
         for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 422)
             if r.get("error"):
                 raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {r['error']}")

@@ -149,6 +149,39 @@ def test_concurrent_clients_are_batched(server):
     assert max(sizes["batch_sizes"]) > 1
 
 
+def test_a_classify_does_not_wait_behind_a_running_ner_batch(server):
+    # max_batch_tokens 1: each NER item is a batch of its own, so a 128-item request keeps NER busy for
+    # 128 batches in a row. A classify sent once they have started must answer before the NER request.
+    # With one batch queue for every task, it queued behind all of them.
+    from ray import serve
+
+    tasks = {t: server[1][t] for t in ("classify", "ner")}
+    base = _deploy(server, "queues", {"autoscaling_config": None, "num_replicas": 1,
+                                      "ray_actor_options": {"num_cpus": 0.25}}, {"max_batch_tokens": 1},
+                   args={"tasks": tasks})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    texts = [r["text"] for r in corpus_rows(128)]
+    finished = {}
+
+    def timed(name, route, body):
+        answer = requests.post(base + route, json=body, headers=auth, timeout=120)
+        finished[name] = time.monotonic()
+        return answer
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            ner = pool.submit(timed, "ner", "/v1/ner", {"inputs": texts})
+            deadline = time.monotonic() + 60
+            while not requests.get(base + "/v1/stats", headers=auth, timeout=10).json()["batch_sizes"]:
+                assert time.monotonic() < deadline and not ner.done(), "the NER batches never started"
+                time.sleep(0.02)
+            classify = pool.submit(timed, "classify", "/v1/classify", {"inputs": texts[0]})
+            assert ner.result().status_code == 200 and classify.result().status_code == 200
+        assert finished["classify"] < finished["ner"]
+    finally:
+        serve.delete("queues")
+
+
 def _deploy(server, name, overrides, user_config=None, args=None):
     """Another application from serve_config.yaml on the same Serve instance, under /<name>."""
     import yaml
