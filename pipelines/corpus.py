@@ -330,6 +330,9 @@ def merge_reasons(total: dict, more: dict, samples: int = 3) -> dict:
     return total
 
 
+ENGINE_STEPS = "_engine_steps"  # generate: a batch's engine steps, from the replica to the write step (not written)
+
+
 def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa.Table:
     """Ray Data write step: the batch's rows sorted by key and cut into runs of consecutive rows of one
     file, one part per run (named by `part_name`); returns a one-row summary.
@@ -337,7 +340,10 @@ def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa
     Checks its own keys: a row twice in one batch is an error here, where the data is, so the driver
     only compares intervals. Same rows, same name: a retried write replaces its part."""
     summary = {"rows": [batch.num_rows], "errored": [0], "input_tokens": [0], "parts": [0], "reasons": ["{}"],
-               "generated_tokens": [0]}
+               "generated_tokens": [0], "engine_steps": [0]}
+    if ENGINE_STEPS in batch.column_names:  # the generation engine's steps, counted by the replica; not written
+        summary["engine_steps"] = [int(pc.sum(batch.column(ENGINE_STEPS)).as_py() or 0)]
+        batch = batch.drop_columns([ENGINE_STEPS])
     if batch.num_rows == 0:
         return pa.table(summary)
     summary["reasons"] = [json.dumps(error_reasons(batch, id_column))]

@@ -241,7 +241,7 @@ def run_label_job(config: LabelConfig) -> dict:
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
-    run_rows = run_tokens = generated = 0
+    run_rows = run_tokens = generated = steps = 0
     errors: dict[str, list] = {}
     if todo:
         logger.info("labeling %d units (row groups or slices) with %s", len(todo), pool)
@@ -261,6 +261,7 @@ def run_label_job(config: LabelConfig) -> dict:
             run_rows += pc.sum(summary.column("rows")).as_py() or 0
             run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
             generated += pc.sum(summary.column("generated_tokens")).as_py() or 0
+            steps += pc.sum(summary.column("engine_steps")).as_py() or 0
             for reasons in summary.column("reasons").to_pylist():
                 merge_reasons(errors, json.loads(reasons))
             progress.show(run_rows)
@@ -283,6 +284,8 @@ def run_label_job(config: LabelConfig) -> dict:
     if config.task == "generate":
         report["generated_tokens_this_run"] = generated
         report["generated_tokens_per_second"] = round(generated / wall, 3) if wall else None
+        # Each step gives every sequence in the batch one token: tokens / steps = mean rows per step.
+        report["mean_batch_occupancy"] = round(generated / steps, 2) if steps else None
     problems = verify(corpus, state)
     if problems:
         problems.insert(0, f"the output holds {state.rows} rows for {rows_in} input rows")
