@@ -44,7 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_pipeline.py --hidden 1024 --layers 12 --rows 400 --out benchmarks/results/bench_pipeline_1024x12.json
 	$(PY) benchmarks/bench_serve.py
-	$(PY) benchmarks/bench_serve_generate.py
+	$(PY) benchmarks/bench_serve_generate.py --baseline 52de9e6
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_scale.py
 

@@ -8,15 +8,23 @@ generate and a tiny classifier for classify), then measures:
      completion and of a /v1/classify, against the same requests on the idle endpoint (medians);
   3. TTFT and TPOT p50/p99 of streamed completions (from the SSE chunks' arrival times).
 
-    python benchmarks/bench_serve_generate.py     # ~2 minutes on 2 cores
+    python benchmarks/bench_serve_generate.py                     # ~2 minutes on 2 cores
+    python benchmarks/bench_serve_generate.py --baseline 52de9e6  # against the static path, one command
+
+--baseline REV runs the same measurements on the code of git revision REV too (exported from this
+repository into a temporary folder; 52de9e6 is the last commit whose endpoint batched generation
+statically), alternating baseline and this tree `--repeats` times, and prints both with their ratios.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +48,13 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serve_generate.json")
+    p.add_argument("--baseline", metavar="REV", help="also measure git revision REV's code, interleaved")
+    p.add_argument("--repeats", type=int, default=2, help="with --baseline: runs of each, alternating")
+    p.add_argument("--code", type=Path, default=ROOT.parent, help=argparse.SUPPRESS)  # the tree to measure
     args = p.parse_args(argv)
+    if args.baseline:
+        return compare(args, argv if argv is not None else sys.argv[1:])
+    sys.path.insert(0, str(args.code))  # before any import of bloom or pipelines (Ray's workers: see compare)
 
     import requests
     import yaml
@@ -58,10 +72,14 @@ def main(argv=None) -> int:
     lm = make_tiny_checkpoint(tmp / "lm", hidden_size=args.hidden, n_layer=args.layers, n_head=8, vocab_size=4096)
     clf = make_tiny_checkpoint(tmp / "clf", bloom.BloomForSequenceClassification, hidden_size=args.hidden,
                                n_layer=args.layers, n_head=8, id2label={0: "a", 1: "b"})
-    config = yaml.safe_load((ROOT.parent / "serve_config.yaml").read_text())
+    from pipelines.config import LabelConfig
+
+    config = yaml.safe_load((args.code / "serve_config.yaml").read_text())
     application = config["applications"][0]
+    generate = {"model": str(lm), "max_input_tokens": 256, "cache_tokens": 8192, "dtype": "float32"}
+    known = {f.name for f in dataclasses.fields(LabelConfig)}  # a baseline may predate a setting
     application["args"].update(max_new_tokens_cap=256, tasks={
-        "generate": {"model": str(lm), "max_input_tokens": 256, "cache_tokens": 8192, "dtype": "float32"},
+        "generate": {k: v for k, v in generate.items() if k in known},
         "classify": {"model": str(clf), "max_input_tokens": 256}})
     application["deployments"][0].update(autoscaling_config=None, num_replicas=1, ray_actor_options={"num_cpus": 1})
     with socket.socket() as s:
@@ -151,12 +169,71 @@ def main(argv=None) -> int:
                          "tpot_p50_ms": 1000 * pct(tpot, 0.5), "tpot_p99_ms": 1000 * pct(tpot, 0.99)}
     print("streams (8 clients, 64 tokens): TTFT p50 {ttft_p50_ms:.1f} ms p99 {ttft_p99_ms:.1f} ms; "
           "TPOT p50 {tpot_p50_ms:.1f} ms p99 {tpot_p99_ms:.1f} ms".format(**results["stream"]))
-    results["engine"] = requests.get(base + "/v1/stats", timeout=10).json()["engine"]
-    print(f"engine: mean rows per step {results['engine']['mean_rows_per_step']:.1f}, ended {results['engine']['ended']}")
+    results["engine"] = requests.get(base + "/v1/stats", timeout=10).json().get("engine")
+    if results["engine"]:
+        print(f"engine: mean rows per step {results['engine']['mean_rows_per_step']:.1f}, "
+              f"ended {results['engine']['ended']}")
     print(f"machine: {describe(results['machine'])}")
     serve.shutdown()
     ray.shutdown()
     write_results(results, args.out)
+    return 0
+
+
+FIGURES = [("generated tokens/s, mixed max_tokens", ("throughput", "generated_tokens_per_s")),
+           ("requests/s", ("throughput", "requests_per_s")),
+           ("4-token completion under load / idle", ("short_under_load", "completion_4_tokens", "ratio")),
+           ("classify under load / idle", ("short_under_load", "classify", "ratio")),
+           ("TTFT p50 ms", ("stream", "ttft_p50_ms")), ("TTFT p99 ms", ("stream", "ttft_p99_ms")),
+           ("TPOT p50 ms", ("stream", "tpot_p50_ms")), ("TPOT p99 ms", ("stream", "tpot_p99_ms"))]
+
+
+def compare(args, argv: list[str]) -> int:
+    """Run this script on the baseline's code and on this tree, alternating, each in its own process (and
+    its own Ray); print each figure's medians and this tree's ratio to the baseline."""
+    tmp = Path(tempfile.mkdtemp())
+    baseline = tmp / "baseline"
+    baseline.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT.parent), "archive", args.baseline], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--baseline {args.baseline}: git archive failed (a clone with its history is needed): "
+                         f"{archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
+    passed = []  # this run's arguments without --baseline/--repeats/--out
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--baseline", "--repeats", "--out"):
+            skip = True
+        elif not a.startswith(("--baseline=", "--repeats=", "--out=")):
+            passed.append(a)
+    runs: dict[str, list[dict]] = {"baseline": [], "this tree": []}
+    for r in range(args.repeats):
+        for name, code in (("baseline", baseline), ("this tree", ROOT.parent)):
+            out = tmp / f"{name.replace(' ', '_')}-{r}.json"
+            print(f"--- {name} ({args.baseline if name == 'baseline' else 'working tree'}), run {r + 1}", flush=True)
+            # Ray puts its driver's working directory first on its workers' path: run in the code's folder.
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *passed, "--code", str(code), "--out", str(out)],
+                           check=True, cwd=code)
+            runs[name].append(json.loads(out.read_text()))
+
+    def figure(result, path):
+        for key in path:
+            result = result[key]
+        return result
+
+    print(f"\n{'':40s} {'baseline ' + args.baseline:>18s} {'this tree':>12s} {'ratio':>8s}")
+    table = {}
+    for label, path in FIGURES:
+        base = statistics.median(figure(x, path) for x in runs["baseline"])
+        this = statistics.median(figure(x, path) for x in runs["this tree"])
+        table[label] = {"baseline": base, "this_tree": this, "ratio": this / base}
+        print(f"{label:40s} {base:18.2f} {this:12.2f} {this / base:7.2f}x")
+    machine_info = runs["this tree"][-1]["machine"]
+    print(f"medians of {args.repeats} alternating runs each; machine: {describe(machine_info)}")
+    write_results({"machine": machine_info, "baseline": args.baseline, "repeats": args.repeats, "figures": table,
+                   "runs": runs}, args.out.with_name(args.out.stem + "_vs_baseline.json"))
     return 0
 
 
