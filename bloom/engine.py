@@ -158,21 +158,37 @@ class SlotBatch:
             column = torch.arange(C + T, device=device)
             self.mask = ((column < c) | (column >= C + T - n)).long()
         t = torch.arange(T, device=device)
-        self.new_real = t >= T - n  # (B, T): which new columns are real tokens, not left padding
-        self.write_slot = self.slots[:, None].expand(B, T)[self.new_real]
-        self.write_pos = (c + t - (T - n))[self.new_real]
+        # (B, T): which new columns are real tokens, not left padding (None: all are, as in a decode step)
+        self.new_real = None if min(new) == T else t >= T - n
+        real = self.new_real if self.new_real is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+        write_slot = self.slots[:, None].expand(B, T)[real]  # (N,) slot and position of each real new token
+        write_pos = (c + t - (T - n))[real]
+        # Each real token's row, per head, in a layer's cache seen as (num_slots * H * max_seq_len, D): one
+        # index_copy_ per layer writes them all (an index_put with two index tensors costs ~10x more).
+        H, L = cache.keys[0].shape[1], cache.max_seq_len
+        self.write_rows = ((write_slot[:, None] * H + torch.arange(H, device=device)) * L + write_pos[:, None]).reshape(-1)
+        self._on_device: dict[torch.device, tuple] = {}
+
+    def _indices(self, device: torch.device) -> tuple:
+        """write_rows, new_real and slots on `device` (a layer's, under a device map), moved once a forward."""
+        if device not in self._on_device:
+            self._on_device[device] = tuple(None if x is None else x.to(device)
+                                            for x in (self.write_rows, self.new_real, self.slots))
+        return self._on_device[device]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real new tokens of k, v (B, H, T, D) in their slots; return the keys and values to
         attend over, (B, H, S, D), in one of the layouts above."""
         out = []
         for buf, new in ((self.cache.keys[layer], k), (self.cache.values[layer], v)):
-            dev = buf.device
-            buf[self.write_slot.to(dev), :, self.write_pos.to(dev)] = new.transpose(1, 2)[self.new_real.to(dev)]
+            rows, new_real, slots = self._indices(buf.device)
+            tokens = new.transpose(1, 2)  # (B, T, H, D)
+            tokens = tokens.reshape(-1, *tokens.shape[2:]) if new_real is None else tokens[new_real]  # (N, H, D)
+            buf.view(-1, buf.shape[-1]).index_copy_(0, rows, tokens.reshape(-1, buf.shape[-1]))
             if self.in_place:
                 out.append(buf[self.first : self.first + len(self.slots), :, : self.end])
             else:
-                old = buf[:, :, : self.length].index_select(0, self.slots.to(dev))  # (B, H, C, D)
+                old = buf[:, :, : self.length].index_select(0, slots)  # (B, H, C, D)
                 out.append(torch.cat([old, new], 2))
         return out[0], out[1]
 
