@@ -17,8 +17,6 @@ loaded by both implementations. Prints a table and writes a JSON of the results.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 import bloom
+from common import describe, machine, read_results, write_results
 
 ROOT = Path(__file__).resolve().parent
 SHAPES = {
@@ -75,20 +74,26 @@ def matmul_peak(dtype: torch.dtype, hidden: int, device: torch.device, repeats: 
     return best
 
 
-def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 11) -> float:
-    """Bytes/s of reading a large buffer once (a sum over 1 GiB): the bound on decoding, which reads
-    every weight once per step. The median of the repeats: on a shared VM the best one is an outlier
-    now and then (52.9 GB/s once, against 31-34 in every other run of the same day)."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        x.sum()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return x.numel() * 4 / statistics.median(times)
+def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 11) -> dict:
+    """Bytes/s of reading a large buffer once, per reader: the bound on decoding, which reads every weight
+    once per step, is the fastest. The median of the repeats (on a shared VM the best one is an outlier
+    now and then).
+
+    On CPU the faster of two readers of 1 GiB: a sum, and the oneDNN-packed matrix-vector product that
+    decoding itself runs. With 2 vCPUs the sum is limited by what two cores can have in flight, not by
+    memory: on the EPYC VM it read 49 GB/s where the product read 87 GB/s, so a bound from the sum alone
+    was exceeded by decoding (111-144% of it)."""
+    n = int(gib * 2**30) // 4
+    readers = {"sum": lambda x=torch.ones(n, dtype=torch.float32, device=device): x.sum()}
+    if device.type == "cpu":
+        linear = torch.nn.utils.skip_init(torch.nn.Linear, 1024, n // 1024, bias=False)
+        linear.weight.data.fill_(1.0)
+        packed, row = bloom.packing.PackedLinear(linear), torch.ones(1, 1024)
+        del linear  # the packed copy alone is read
+        readers["packed matrix-vector"] = lambda: packed(row)
+    with torch.inference_mode():
+        times = timed(readers, repeats, device)
+    return {name: n * 4 / t for name, t in times.items()}
 
 
 def checkpoint(shape: str) -> Path:
@@ -125,15 +130,15 @@ def run(args) -> dict:
     path = checkpoint(args.shape)
     cfg = bloom.BloomConfig.from_pretrained(path)
     g = torch.Generator().manual_seed(0)
-    bandwidth = memory_bandwidth(device)
-    results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "memory_read_gb_s": bandwidth / 1e9},
-        "shape": args.shape, "config": SHAPES[args.shape], "runs": [], "sweep": [],
-    }
-    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    readers = memory_bandwidth(device)
+    bandwidth = max(readers.values())
+    info = {**machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "transformers": transformers.__version__, "memory_read_gb_s": bandwidth / 1e9,
+            "memory_read_gb_s_by_reader": {name: b / 1e9 for name, b in readers.items()}}
+    results = {"machine": info, "shape": args.shape, "config": SHAPES[args.shape], "runs": [], "sweep": []}
+    print(f"machine: {describe(info)}, {info['threads']} threads, device {info['device']}")
+    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s ("
+          + ", ".join(f"{name} {b / 1e9:.1f}" for name, b in readers.items()) + ")")
     for dtype_name in args.dtypes:
         dtype = bloom.resolve_dtype(dtype_name)
         peak = matmul_peak(dtype, cfg.hidden_size, device)
@@ -220,8 +225,9 @@ def plot(results: dict, path: Path) -> Path | None:
         axis.set_ylabel("forward tokens/s")
         axis.grid(True, alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"BLOOM {results['shape']} body forward, {results['machine']['device']}, "
-                 f"{results['machine']['threads']} threads")
+    m = results["machine"]
+    where = m["cpu"] if m["device"] == "cpu" else m["device"]
+    fig.suptitle(f"BLOOM {results['shape']} body forward, {where}, {m['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
@@ -243,6 +249,16 @@ def print_row(r: dict) -> None:
           f"({r['decode_b1_bound_tok_s']:.1f} tok/s)")
 
 
+def print_machines(path: Path) -> None:
+    """The headline figures of every machine in the results file, side by side (one line per dtype)."""
+    print(f"\nevery machine in {path.name}:")
+    for key, res in read_results(path).items():
+        for r in res["runs"]:
+            print(f"  {key:<40} {r['dtype']:<9} labeling {r['label_ours_peak_share']:4.0%} of "
+                  f"{r['matmul_peak_tflops']:.2f} TFLOP/s | greedy b8 x{r['gen_b8_ours_tok_s'] / r['gen_b8_reference_tok_s']:.2f}"
+                  f" | b1 decode {r['decode_b1_bound_share']:4.0%} of the bandwidth bound")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="560m")
@@ -258,10 +274,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_model.json")
     args = p.parse_args(argv)
     results = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, args.out)
     png = plot(results, args.out.with_suffix(".png")) if results["sweep"] else None
-    print(f"\nwrote {args.out}" + (f" and {png}" if png else ""))
+    if png:
+        print(f"wrote {png}")
+    print_machines(args.out)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -35,6 +34,7 @@ import bloom  # noqa: E402
 from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint  # noqa: E402
 from pipelines.config import LabelConfig  # noqa: E402
 from pipelines.replica import BloomReplica, token_budget_batches  # noqa: E402
+from common import describe, machine, write_results  # noqa: E402
 
 
 def skewed_corpus(n: int, seed: int = 0) -> list[dict]:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     replica = BloomReplica(cfg)
     lengths = [len(replica.tokenizer.encode(r["text"])) for r in rows]
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()},
+    results = {"machine": machine(),
                "rows": args.rows, "tokens": sum(lengths), "model": {"hidden": args.hidden, "layers": args.layers}}
 
     # Batching: fixed-size batches in input order vs token budget with length bucketing (same replica).
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     results["pipeline_steady_share_of_bare_loop"] = results["pipeline_steady_rows_per_s"] / results["bare_loop_rows_per_s"]
     results["pipeline_pool"] = report["pool"]
 
+    print(f"machine: {describe(results['machine'])}, {results['machine']['threads']} threads")
     print(f"corpus: {args.rows} rows, {sum(lengths)} tokens (median {sorted(lengths)[len(lengths) // 2]}, "
           f"max {max(lengths)}); model hidden {args.hidden} × {args.layers} layers; {os.cpu_count()} CPUs")
     print(f"padding waste: fixed {args.fixed_rows}-row batches {results['padding_waste_fixed']:.0%} | "
@@ -133,9 +134,7 @@ def main(argv=None) -> int:
           f"({results['pipeline_share_of_bare_loop']:.0%} of the bare loop, start-up included)")
     print(f"pipeline start-up (a 10-row run) {t_small:.1f} s; after it {results['pipeline_steady_rows_per_s']:.1f} rows/s "
           f"({results['pipeline_steady_share_of_bare_loop']:.0%} of the bare loop)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return 0
 
 

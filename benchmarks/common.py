@@ -1,7 +1,12 @@
 """What the benchmarks share: the machine their figures come from, and writing their results.
 
 Figures on these machines differ by CPU family (AMX vs AVX512-BF16 bf16 speed), so every result names
-the CPU model, its bf16 features and the core count."""
+the CPU model, its bf16 features and the core count, and a results file keeps one entry per machine:
+a run on another family adds to the file instead of overwriting the first family's figures.
+
+    {"machines": {"AMD EPYC [avx512_bf16]": {"machine": {...}, ...figures},
+                  "Intel(R) Xeon(R) ... [amx_bf16 avx512_bf16]": {...}}}
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import subprocess
 from pathlib import Path
 
 FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "sha_ni")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # what sets a CPU's bf16 matmul speed, so part of the key
+# Results files written before they were kept per machine all came from the project's EPYC VM.
+LEGACY_MACHINE = {"cpu": "AMD EPYC", "flags": ["avx512_bf16"]}
 
 
 def machine() -> dict:
@@ -38,7 +46,38 @@ def describe(info: dict) -> str:
     return f"{info['cpu']}, {info['cores']} CPUs, flags: {' '.join(info['flags']) or 'none'}"
 
 
+def machine_key(info: dict) -> str:
+    """The key a machine's results are kept under: CPU model and bf16 features, plus the GPU if the
+    figures are a GPU's (info["device"]), e.g. "AMD EPYC [avx512_bf16]"."""
+    flags = info.get("flags", info.get("bf16_flags", []))  # bf16_flags: an older spelling
+    key = f"{info['cpu']} [{' '.join(f for f in BF16_FLAGS if f in flags) or 'no bf16'}]"
+    device = info.get("device", "cpu")
+    return key if device == "cpu" else f"{key} + {device}"
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """{machine key: results} from a results file, or {} if there is none. A file from before results
+    were kept per machine is read as one machine's: the one its "machine" entry names if that has a CPU
+    model, else the project's EPYC VM (where all of those were measured)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "machines" in data:
+        return data["machines"]
+    info = data.get("machine", {})
+    if "cpu" not in info:
+        info = {**LEGACY_MACHINE, **info}
+        data["machine"] = info
+    return {machine_key(info): data}
+
+
 def write_results(results: dict, out: Path) -> None:
+    """Store results (which carry their "machine", from machine()) under that machine's key in `out`,
+    keeping the other machines' results already there."""
+    out = Path(out)
+    machines = read_results(out)
+    machines[machine_key(results["machine"])] = results
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    out.write_text(json.dumps({"machines": machines}, indent=2, default=str) + "\n")
+    print(f"wrote {out} ({len(machines)} machine{'s' * (len(machines) > 1)}: {', '.join(machines)})")

@@ -304,3 +304,13 @@ def test_labeling_heads_allocate_no_cache_by_default(make_checkpoint, monkeypatc
     assert not made and getattr(out, "past_key_values", None) is None
     if cls_name == "BloomForSequenceClassification":  # still there when asked for
         assert model(ids, attention_mask=mask, use_cache=True).past_key_values is not None and made
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_in_model_dtype_equals_fp32_then_rounded(dtype):
+    """The attention takes softmax of bf16/fp16 scores directly: torch's kernel computes in fp32 and rounds
+    only the result, bit for bit what the reference's softmax(dtype=float32).to(dtype) gives."""
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(64, 7, 300, generator=g) * 8).to(dtype)
+    scores[:, :, :50] = torch.finfo(dtype).min  # masked keys, as the attention bias writes them
+    assert torch.equal(torch.softmax(scores, -1), torch.softmax(scores, -1, dtype=torch.float32).to(dtype))
