@@ -37,12 +37,19 @@ Guarantees:
     `model.generate(prompt, do_sample=True, seed=[seed])`, whatever the batch holds.
   - Memory never grows after construction. When the cache is full, new sequences wait (first come,
     first served); one that could never fit is refused by `submit` with a ValueError naming the sizes.
+  - A group of n sequences of one prompt (`submit_group`, OpenAI's `n`) prefills the prompt once: its
+    first sequence prefills, the others take a copy of its cached prompt and sample their first token
+    from the same logits, each with its own generator (seed + i).
+  - Log-probabilities, for the sequences that ask (`GenerationParams.logprobs`, `prompt_logprobs`), are
+    of the model's own distribution: log_softmax of the fp32 logits, before any repetition penalty,
+    temperature, top-k or top-p.
   - `submit` and `abort` are safe from any thread. The model runs only inside `step()`, one caller at a
     time; `start()` runs the steps on a background thread (or call `step()` / `run()` yourself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -63,6 +70,7 @@ from .generation import (
     next_token,
     prefill,
     sampling_params,
+    token_logprobs,
 )
 
 logger = logging.getLogger("bloom")
@@ -204,7 +212,11 @@ class GenerationParams:
     """One sequence's settings, as `model.generate`'s arguments for one row.
 
     top_k 0 and top_p 1 disable them; seed None samples from torch's global generator; eos_token_id None
-    means the model config's, an empty tuple none; stop_strings need the engine's tokenizer."""
+    means the model config's, an empty tuple none; stop_strings need the engine's tokenizer.
+    logprobs: record each new token's log-probability and the `logprobs` most likely tokens' (0: the
+    chosen token's only) in `Sequence.logprobs`; prompt_logprobs: the same for every prompt token after
+    the first, in `Sequence.prompt_logprobs` (with max_new_tokens 0 the prompt is still run, to score it).
+    None computes nothing."""
 
     max_new_tokens: int = 20
     do_sample: bool = False
@@ -215,6 +227,8 @@ class GenerationParams:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     eos_token_id: int | tuple[int, ...] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 _END = object()  # the last item of a sequence's token queue
@@ -227,7 +241,11 @@ class Sequence:
     Read by the caller: `output_ids` (new tokens so far), `finish_reason` ("eos", "stop", "length",
     "abort", "error"; None while running), `error`, `finished`, and `times` (perf_counter seconds at
     "submitted", "admitted", "first_token", "finished"). Iterate `stream()` for the tokens as they come,
-    or wait with `result()`; both work from any thread."""
+    or wait with `result()`; both work from any thread.
+
+    When the params ask for them: `logprobs[k]` = (log-probability of output_ids[k], [(id, logprob)] of the
+    most likely tokens, most likely first), recorded before the token is streamed; `prompt_logprobs` the
+    same per prompt token, None for the first (complete before the first new token)."""
 
     def __init__(self, prompt_ids: list[int], params: GenerationParams, sampling: SamplingParams, stop: StopStrings,
                  eos: tuple[int, ...], seen: torch.Tensor | None, on_token: Callable | None):
@@ -243,6 +261,10 @@ class Sequence:
         self.sampling, self.stop, self.eos, self.seen = sampling, stop, eos, seen
         self.slot: int | None = None
         self.num_cached = 0
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
+        # The rest of its group (submit_group) until this sequence's prompt is cached; they hold no slot yet.
+        self.siblings: list[Sequence] = []
         self._on_token = on_token
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
@@ -337,9 +359,28 @@ class Engine:
         on_token(sequence, token) is called on the engine's thread for each new token (finish_reason is set
         on the last), and once with None if the sequence ends without a token (abort, error); keep it short.
         Raises ValueError for bad settings or a sequence that could never fit the cache."""
-        seq = self._sequence(prompt_ids, params, on_token)
-        self._enqueue([seq])
-        return seq
+        return self.submit_group(prompt_ids, params, 1, on_token)[0]
+
+    def submit_group(self, prompt_ids, params: GenerationParams | None = None, n: int = 1,
+                     on_token: Callable[[Sequence, int | None], None] | None = None) -> list[Sequence]:
+        """Queue n sequences of one prompt (OpenAI's `n` choices); their Sequences at once, as `submit`.
+
+        The prompt is prefilled once: the group is admitted when n slots are free, its first sequence
+        prefills, and the others then take a copy of its cached prompt and sample their first token from
+        the same logits, each from its own generator: sequence i is seeded with seed + i (different and
+        reproducible samples; greedy gives n equal outputs). Raises ValueError as `submit` does, or when
+        the group needs more slots than the cache has."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if n > self.cache.num_slots:
+            raise ValueError(f"a group of {n} sequences needs {n} cache slots at once; the engine has "
+                             f"{self.cache.num_slots} (cache_tokens // max_seq_len)")
+        params = params or GenerationParams()
+        seqs = [self._sequence(prompt_ids, params if params.seed is None or i == 0 else
+                               dataclasses.replace(params, seed=params.seed + i), on_token) for i in range(n)]
+        seqs[0].siblings = seqs[1:]
+        self._enqueue(seqs[:1])
+        return seqs
 
     def _sequence(self, prompt_ids, params: GenerationParams | None, on_token) -> Sequence:
         """Check a request and build its Sequence (not yet queued)."""
@@ -351,6 +392,10 @@ class Engine:
         if not all(0 <= t < cfg.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {min(prompt)}..{max(prompt)}")
         check_max_new_tokens(params.max_new_tokens)
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and not (isinstance(n, int) and 0 <= n <= cfg.vocab_size):
+                raise ValueError(f"{name} must be None or an integer in [0, {cfg.vocab_size}], got {n!r}")
         need = len(prompt) + params.max_new_tokens
         if need > self.cache.max_seq_len:
             raise ValueError(
@@ -475,7 +520,8 @@ class Engine:
         plan = self._plan_prefill()
         if plan:
             seqs = [s for s, _ in plan]
-            out = self._forward(seqs, [s.prompt_ids[s.num_cached : s.num_cached + n] for s, n in plan])
+            out = self._forward(seqs, [s.prompt_ids[s.num_cached : s.num_cached + n] for s, n in plan],
+                                self._prompt_logprobs(plan))
             for s, n in plan:
                 s.num_cached += n
             complete = [i for i, s in enumerate(seqs) if s.num_cached == len(s.prompt_ids)]
@@ -525,7 +571,7 @@ class Engine:
             if kind == "abort":
                 self._end(seq, "abort")
                 ended.append(seq)
-            elif seq.params.max_new_tokens == 0:  # nothing to generate: as generate, it stops for length
+            elif seq.params.max_new_tokens == 0 and seq.prompt_logprobs is None:  # nothing to run
                 self._end(seq, "length")
                 ended.append(seq)
             else:
@@ -533,12 +579,13 @@ class Engine:
         return ended
 
     def _admit(self) -> None:
-        while self.waiting:  # first come, first served
-            slot = self.cache.allocate()
-            if slot is None:
-                return
+        # First come, first served; a group waits until there is a slot for each of its sequences (its
+        # siblings' slots are reserved, and taken once its prompt is cached).
+        reserved = sum(len(s.siblings) for s in self.prefilling)
+        while self.waiting and self.cache.free_slots - reserved >= 1 + len(self.waiting[0].siblings):
             seq = self.waiting.popleft()
-            seq.slot = slot
+            seq.slot = self.cache.allocate()
+            reserved += len(seq.siblings)
             seq.times["admitted"] = time.perf_counter()
             self.prefilling.append(seq)
 
@@ -554,22 +601,32 @@ class Engine:
             width = max(width, n)
         return plan
 
-    def _forward(self, seqs: list[Sequence], new_ids: list[list[int]]) -> torch.Tensor:
+    def _forward(self, seqs: list[Sequence], new_ids: list[list[int]], on_hidden=None) -> torch.Tensor:
         """Feed each sequence its new tokens (left-padded into one (B, T) batch) → fp32 logits (B, V) of
-        each row's last new token."""
+        each row's last new token. on_hidden: see `bloom.generation.prefill`."""
         T = max(map(len, new_ids))
         ids = torch.tensor([[0] * (T - len(x)) + x for x in new_ids], device=self.device)
         batch = SlotBatch(self.cache, [s.slot for s in seqs], [s.num_cached for s in seqs], [len(x) for x in new_ids])
-        return prefill(self.model, ids, batch.mask, batch)
+        return prefill(self.model, ids, batch.mask, batch, on_hidden)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        rows, logits = self._fork(rows, logits)
+        ended = [s for s in rows if s.params.max_new_tokens == 0]  # it only asked for its prompt's logprobs
+        if ended:
+            for s in ended:
+                self._end(s, "length")
+            keep = [i for i, s in enumerate(rows) if s.params.max_new_tokens]
+            rows, logits = [rows[i] for i in keep], logits[keep]
+            if not rows:
+                return ended
         params = SamplingParams.cat([s.sampling for s in rows])
         seen = None
         if any(s.seen is not None for s in rows):
             none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen = torch.stack([none if s.seen is None else s.seen for s in rows])
-        ended = []
-        for s, token in zip(rows, next_token(logits, seen, params).tolist()):
+        tokens = next_token(logits, seen, params).tolist()
+        self._record_logprobs(rows, logits, tokens)
+        for s, token in zip(rows, tokens):
             if s.seen is not None:
                 s.seen[token] = True
             reason = finish_reason(token, len(s.output_ids) + 1, s.params.max_new_tokens, s.eos, s.stop)
@@ -584,8 +641,66 @@ class Engine:
                 ended.append(s)
         return ended
 
+    # -- groups and log-probabilities (engine thread only)
+
+    def _fork(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """A group's first sequence has just cached its prompt: each sibling takes a slot (reserved at
+        admission) holding a copy of that prompt, and the same next-token logits row. The siblings join the
+        running sequences at the end of this step, with the prompts whose last chunk went in."""
+        if not any(s.siblings for s in rows):
+            return rows, logits
+        out, index = [], []
+        for i, s in enumerate(rows):
+            group = [s] + [t for t in s.siblings if not t.finished]  # a sibling may have been aborted meanwhile
+            for t in group[1:]:
+                t.slot = self.cache.allocate()
+                self.cache.move(s.slot, t.slot, s.num_cached)
+                t.num_cached, t.prompt_logprobs = s.num_cached, s.prompt_logprobs
+                t.times["admitted"] = s.times["admitted"]
+                self.prefilling.append(t)
+            s.siblings = []
+            out += group
+            index += [i] * len(group)
+        return out, logits[index]
+
+    def _prompt_logprobs(self, plan: list[tuple[Sequence, int]]):
+        """For a prefill forward whose rows ask for their prompt's logprobs, a function of its final hidden
+        states (B, T, C) that records them; None when no row asks (the forward then computes the last
+        position's logits only). Row i's chunk is its last n columns, prompt positions c .. c + n - 1
+        (c = tokens cached before it); position p's logits score prompt token p + 1."""
+        asking = [(i, s, n) for i, (s, n) in enumerate(plan) if s.prompt_logprobs is not None]
+        if not asking:
+            return None
+        head = self.model.get_output_embeddings()
+
+        def record(h: torch.Tensor) -> None:
+            T = h.shape[1]
+            for i, s, n in asking:
+                c = s.num_cached
+                scored = min(n, len(s.prompt_ids) - 1 - c)  # the last prompt position predicts a new token
+                for a in range(0, scored, 64):  # (64, V) fp32 logits at a time, never (T, V)
+                    b = min(a + 64, scored)
+                    logits = head(h[i, T - n + a : T - n + b]).float()
+                    s.prompt_logprobs += token_logprobs(logits, s.prompt_ids[c + a + 1 : c + b + 1],
+                                                        s.params.prompt_logprobs)
+
+        return record
+
+    def _record_logprobs(self, rows: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
+        """Append each asking row's new token's logprob and top alternatives (before the token is emitted)."""
+        asking = [j for j, s in enumerate(rows) if s.logprobs is not None]
+        if not asking:
+            return
+        top = max(rows[j].params.logprobs for j in asking)
+        for j, (lp, alternatives) in zip(asking, token_logprobs(logits[asking], [tokens[j] for j in asking], top)):
+            rows[j].logprobs.append((lp, alternatives[: rows[j].params.logprobs]))
+
     def _end(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
-        """Finish `seq` and give its slot back at once."""
+        """Finish `seq` and give its slot back at once (with the siblings still waiting for its prompt)."""
+        for sibling in seq.siblings:
+            if not sibling.finished:
+                self._end(sibling, reason, error)
+        seq.siblings = []
         if seq.slot is not None:
             self.cache.release(seq.slot)
             seq.slot = None

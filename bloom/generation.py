@@ -66,11 +66,21 @@ class KVCache:
 # ----------------------------------------------------------------------------- one forward
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, on_hidden=None) -> torch.Tensor:
     """Run the prompts (B, T) through the model, filling `cache`; attention_mask (B, S) covers the cache
-    and the prompts. Returns the fp32 logits (B, V) of each row's last position."""
-    out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
+    and the prompts. Returns the fp32 logits (B, V) of each row's last position.
+
+    on_hidden(h), when given, is called with the final hidden states h (B, T, C) of every position, for
+    a caller that needs logits at other positions too (the engine's prompt logprobs, for the rows that
+    ask only: (T, V) logits for every row would dwarf the forward's memory)."""
+    if on_hidden is None:
+        out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+    # BloomForCausalLM.forward split in two: the same transformer call, then the same head on the last position.
+    h = model.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True,
+                          return_dict=True).last_hidden_state
+    on_hidden(h)
+    return model.get_output_embeddings()(h[:, -1:])[:, -1].float()
 
 
 def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
@@ -177,6 +187,16 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParam
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     picks = [torch.multinomial(probs[j], 1, generator=p.generators[i]) for j, i in enumerate(sampled_rows)]
     return greedy.index_copy(0, rows, order.gather(-1, torch.stack(picks)).squeeze(-1))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """fp32 logits (P, V) at P positions and the token that came after each → per position (that token's
+    log-probability, [(id, logprob)] of the n most likely tokens, most likely first). The model's own
+    distribution: log_softmax of the raw logits, before repetition penalty, temperature, top-k or top-p."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    top_lp, top_ids = lp.topk(n, -1)
+    return [(c, list(zip(ids, vals))) for c, ids, vals in zip(chosen, top_ids.tolist(), top_lp.tolist())]
 
 
 # ----------------------------------------------------------------------------- when a row ends

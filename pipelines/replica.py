@@ -255,10 +255,10 @@ class BloomReplica:
         with `self.engine.abort(seq)` from any thread (e.g. when the client has gone)."""
         c = self.with_params(params)
         (prompt, ids), result = self.prompt_ids(row, c)
-        seq = self.task.submit(self, prompt, ids, c)
+        (seq,) = self.task.submit(self, prompt, ids, c)
 
         def texts():
-            for text, final in self.task.texts(self, seq, c):
+            for text, final, _ in self.task.texts(self, seq, c):
                 yield text, final if final is None else {**result, **final}
 
         return seq, texts()

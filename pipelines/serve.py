@@ -2,11 +2,12 @@
 offline job, so a request gets exactly what the job writes for the same row.
 
 Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa (one item or a list, per-request parameters),
-OpenAI-style POST /v1/completions (`stream: true` answers with server-sent events) and GET /v1/models,
-GET /healthz (alive) and /readyz (models loaded). Generation requests, streamed or not, are sequences
-of one continuous-batching engine per replica (bloom.engine): they join and leave its running batch
-between decode steps. Classify, NER and QA requests are batched with @serve.batch, batches capped by a
-token budget, re-tunable through `user_config`; they never wait behind a generation.
+OpenAI-style POST /v1/completions (n choices, logprobs, echo; `stream: true` answers with server-sent
+events) and GET /v1/models, GET /healthz (alive) and /readyz (models loaded). Generation requests,
+streamed or not, are sequences of one continuous-batching engine per replica (bloom.engine): they join
+and leave its running batch between decode steps. Classify, NER and QA requests are batched with
+@serve.batch, batches capped by a token budget, re-tunable through `user_config`; they never wait
+behind a generation.
 """
 
 
@@ -18,12 +19,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -31,7 +31,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from .config import LabelConfig
 from .replica import BloomReplica, RowError
-from .tasks import TASKS, timings
+from .tasks import TASKS, TokenTexts, timings
 
 logger = logging.getLogger("bloomline.serve")
 # Our @serve.batch's max_batch_size counts tokens (batch_size_fn), not requests, so Serve's warning that it
@@ -46,8 +46,14 @@ app = FastAPI(title="Bloomline", docs_url=None, redoc_url=None)
 REQUESTS = {name: task.request_model() for name, task in TASKS.items()}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+
+
 class CompletionRequest(BaseModel):
-    """The OpenAI completions request; fields we cannot honour are refused rather than ignored."""
+    """The OpenAI completions request; fields we cannot honour are refused rather than ignored (those in
+    NO_OP are taken at the values that change nothing)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
@@ -55,11 +61,23 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+
+# OpenAI's fields that we take only at the value that changes nothing (or null); any other value is a 422.
+NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "logit_bias": {}, "suffix": ""}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -76,6 +94,33 @@ def _api_key() -> str | None:
 
 def _openai_reason(reason: str | None) -> str | None:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+
+
+def _choice_pieces(replica, seq, c, echo: bool):
+    """One completion choice as (text, result or None, logprobs or None) pieces: the prompt first when
+    echoed (with its tokens' logprobs when asked, the first token's None), then the new text as
+    `Generate.texts` gives it; text offsets count from the start of the choice's text."""
+    if not echo:
+        yield from replica.task.texts(replica, seq, c)
+        return
+    prompt = TokenTexts(replica.tokenizer, seq.prompt_ids, skip_special_tokens=False)
+    pieces = replica.task.texts(replica, seq, c, len(prompt.text))
+    first = next(pieces)  # the prompt's logprobs are complete once its first new text (or its end) comes
+    yield prompt.text, None, replica.task.logprobs(replica, seq.prompt_logprobs, prompt, 0, len(prompt.ids))
+    yield first
+    yield from pieces
+
+
+def _join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    """Two consecutive pieces' logprobs as one."""
+    return b if a is None else a if b is None else {key: a[key] + b[key] for key in a}
+
+
+def _usage(prepared, seqs) -> dict:
+    """OpenAI's usage: each prompt's tokens once (its n choices share one prefill), every choice's new tokens."""
+    usage = {"prompt_tokens": sum(len(ids) for (_, ids), _ in prepared),
+             "completion_tokens": sum(len(seq.output_ids) for seq in seqs)}
+    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
 class ApiError(Exception):
@@ -110,6 +155,7 @@ async def _unexpected(request: Request, e: Exception):
 # ----------------------------------------------------------------------------- the deployment
 
 
+# Everything the routes use is defined above: serve.ingress freezes (pickles) the app right here.
 # No logging_config here: Serve applies a config file's logging_config only to deployments that set none.
 # Ray admits up to max_ongoing_requests per replica, above the app's own max_requests, so that the app
 # sheds load itself with a 503 in its error shape; Ray's queue (plain-text 503) is only a backstop.
@@ -120,15 +166,17 @@ class BloomEndpoint:
 
     tasks: {task: LabelConfig fields} (model, dtype, limits, default parameters).
     max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 422.
+    max_n / max_logprobs: completions asking for more choices per prompt / top logprobs get 422.
     max_requests: labeling requests and streams this replica holds at once (running or waiting for the
     batcher or the engine); more get 503 at once, to be retried (or sent to another replica)."""
 
     def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512,
-                 max_requests: int = 192):
+                 max_requests: int = 192, max_n: int = 8, max_logprobs: int = 5):
         self.replicas = {task: BloomReplica(LabelConfig(task=task, **settings),
                                             max_new_tokens_cap=max_new_tokens_cap if task == "generate" else None)
                          for task, settings in tasks.items()}
         self.max_body_bytes, self.max_new_tokens_cap = max_body_bytes, max_new_tokens_cap
+        self.max_n, self.max_logprobs = max_n, max_logprobs
         self.max_requests, self.held = max_requests, 0  # held: requests in progress (one event loop: no lock)
         if "generate" in self.replicas:  # every generation request joins this engine's running batch
             self.replicas["generate"].start_engine()
@@ -221,17 +269,23 @@ class BloomEndpoint:
                 raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {r['error']}")
         keys = [f.name for f in self.replicas[task].fields]
         body = [{k: r.get(k) for k in keys} for r in results]
-        for direction, key in (("in", "input_tokens"), ("out", "completion_tokens")):
-            n = sum(r.get(key) or 0 for r in results)
+        self._account(route, task, start, *(sum(r.get(key) or 0 for r in results)
+                                             for key in ("input_tokens", "completion_tokens")))
+        return body[0] if single else {"results": body}
+
+    def _account(self, route: str, task: str, start: float, tokens_in: int, tokens_out: int) -> None:
+        """Metrics of a request answered with 200."""
+        for direction, n in (("in", tokens_in), ("out", tokens_out)):
             if n:  # Ray's counters take positive increments only
                 self.tokens.inc(n, {"task": task, "direction": direction})
         self.latency.observe((time.perf_counter() - start) * 1000, {"route": route})
         self.requests.inc(1, {"route": route, "status": "200"})
-        return body[0] if single else {"results": body}
 
-    def _submit(self, rows: list[dict], params: dict, field: str, listed: bool):
-        """Check every row, then submit each as a sequence of the generate replica's engine; 422 naming
-        the first row that cannot be generated for (before anything is submitted)."""
+    def _submit(self, rows: list[dict], params: dict, field: str, listed: bool, **choices):
+        """Check every row, then submit each as sequences of the generate replica's engine (choices: n,
+        logprobs, prompt_logprobs of `Generate.submit`); 422 naming the first row that cannot be generated
+        for (before anything is submitted). Returns (settings, [(prompt, ids), result] per row, the
+        sequences per row)."""
         replica = self.replicas["generate"]
         c = replica.with_params(params)
         prepared = []
@@ -240,28 +294,36 @@ class BloomEndpoint:
                 prepared.append(replica.prompt_ids(row, c))
             except RowError as e:
                 raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {e}") from None
+        groups = []
         try:
-            return c, prepared, [replica.task.submit(replica, prompt, ids, c) for (prompt, ids), _ in prepared]
+            for (prompt, ids), _ in prepared:
+                groups.append(replica.task.submit(replica, prompt, ids, c, **choices))
         except ValueError as e:  # cannot fit the engine's slots
+            for seq in (s for group in groups for s in group):
+                replica.engine.abort(seq)
             raise ApiError(422, f"{field}: {e}") from None
+        return c, prepared, groups
 
-    async def _generate(self, rows: list[dict], params: dict, field: str, listed: bool) -> list[dict]:
-        """Generate for every row on the engine (joining its running batch); results as `label_rows`'.
-        A request cancelled before its end (client gone) aborts its sequences."""
-        replica = self.replicas["generate"]
-        c, prepared, seqs = self._submit(rows, params, field, listed)
+    async def _wait(self, seqs: list) -> None:
+        """Wait for the sequences to end; a request cancelled before (client gone) aborts them."""
         loop = asyncio.get_running_loop()
         try:
             await asyncio.gather(*[loop.run_in_executor(self.waiters, seq.result) for seq in seqs])
         finally:
             for seq in seqs:
                 if not seq.finished:
-                    replica.engine.abort(seq)
-        out = []
-        for ((_, ids), result), seq in zip(prepared, seqs):
+                    self.replicas["generate"].engine.abort(seq)
+        for seq in seqs:
             self._observe(seq)
-            out.append({**result, **replica.task.result(replica, c, seq.output_ids, seq.finish_reason, len(ids))})
-        return out
+
+    async def _generate(self, rows: list[dict], params: dict, field: str, listed: bool) -> list[dict]:
+        """Generate for every row on the engine (joining its running batch); results as `label_rows`'."""
+        replica = self.replicas["generate"]
+        c, prepared, groups = self._submit(rows, params, field, listed)
+        seqs = [seq for (seq,) in groups]
+        await self._wait(seqs)
+        return [{**result, **replica.task.result(replica, c, seq.output_ids, seq.finish_reason, len(ids))}
+                for ((_, ids), result), seq in zip(prepared, seqs)]
 
     def _observe(self, seq) -> None:
         for name, value in timings(seq).items():
@@ -329,75 +391,111 @@ class BloomEndpoint:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        """OpenAI's completions API over the generate task; `stream: true` answers with server-sent events."""
+        """OpenAI's completions API over the generate task: n choices per prompt (indexed i * n + j, as
+        OpenAI numbers them), logprobs, echo; `stream: true` answers with server-sent events."""
         req = await self._body(request, CompletionRequest)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
-        params = {"max_new_tokens": req.max_tokens, "do_sample": req.temperature > 0, "top_p": req.top_p,
-                  "stop": stop, "seed": req.seed}
-        if req.temperature > 0:
-            params["temperature"] = req.temperature
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if "generate" not in self.replicas:
             raise ApiError(404, "this endpoint does not serve task 'generate'")
         if req.model is not None and req.model != "generate":
             raise ApiError(404, f"model {req.model!r} is not served here (completions serve: generate)")
-        if req.max_tokens > self.max_new_tokens_cap:
-            raise ApiError(422, f"max_tokens {req.max_tokens} is over the limit of {self.max_new_tokens_cap}")
-        model_name = "generate"
+        self._check_completion(req)
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
+        params = self._validate("generate", {"max_new_tokens": req.max_tokens, "do_sample": req.temperature > 0,
+                                             "top_p": req.top_p, "stop": stop, "seed": req.seed,
+                                             "temperature": req.temperature if req.temperature > 0 else None})
         replica = self.replicas["generate"]
-        rows = [replica.task.item_row(p, replica.config) for p in prompts]
+        rows = [replica.task.item_row(p, replica.config) for p in ([req.prompt] if isinstance(req.prompt, str)
+                                                                   else req.prompt)]
+        if not rows:
+            raise ApiError(422, "prompt is empty")
+        choices = {"n": req.n, "logprobs": req.logprobs, "prompt_logprobs": req.logprobs if req.echo else None}
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": "generate"}
+        listed = isinstance(req.prompt, list)
         if req.stream:
-            params = self._validate("generate", params)
-            c = replica.with_params(params)
-            for i, row in enumerate(rows):  # refuse a bad prompt before the 200 of a stream is sent
-                try:
-                    replica.prompt_ids(row, c)
-                except RowError as e:
-                    raise ApiError(422, f"prompt{'' if isinstance(req.prompt, str) else f'[{i}]'}: {e}") from None
             self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
-            return StreamingResponse(self._stream(cid, created, model_name, prompts, params),
+            c, prepared, groups = self._submit(rows, params, "prompt", listed, **choices)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(head, c, prepared, groups, req.echo, usage),
                                      media_type="text/event-stream")
-        body = await self._label("completions", "generate", rows, params, single=False, field="prompt",
-                                 listed=isinstance(req.prompt, list))
-        choices = [{"index": i, "text": r["generated_text"], "finish_reason": _openai_reason(r["finish_reason"]),
-                    "logprobs": None} for i, r in enumerate(body["results"])]
-        usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in body["results"]),
-                 "completion_tokens": sum(r["completion_tokens"] for r in body["results"])}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage}
-
-    async def _stream(self, cid, created, model_name, prompts, params):
-        """Server-sent events in OpenAI's format: chunks of text as tokens are generated (prompts one after
-        another), a chunk with each prompt's finish_reason, then [DONE]. Each prompt is a sequence of the
-        engine's running batch; a client that goes away aborts it (its cache slot is free the next step)."""
-        self.held += 1
+        self._hold()
         try:
-            async for event in self._events(cid, created, model_name, prompts, params):
-                yield event
+            start = time.perf_counter()
+            c, prepared, groups = self._submit(rows, params, "prompt", listed, **choices)
+            seqs = [seq for group in groups for seq in group]
+            await self._wait(seqs)
+            answer = []
+            for k, seq in enumerate(seqs):
+                text, logprobs, result = "", None, None
+                for piece, result, piece_logprobs in _choice_pieces(replica, seq, c, req.echo):
+                    text += piece
+                    logprobs = _join_logprobs(logprobs, piece_logprobs)
+                answer.append({"index": k, "text": text, "logprobs": logprobs,
+                               "finish_reason": _openai_reason(result["finish_reason"])})
+            usage = _usage(prepared, seqs)
+            self._account("completions", "generate", start, usage["prompt_tokens"], usage["completion_tokens"])
         finally:
             self.held -= 1
+        return {**head, "choices": answer, "usage": usage}
 
-    async def _events(self, cid, created, model_name, prompts, params):
-        replica = self.replicas["generate"]
-        for i, prompt in enumerate(prompts):
-            chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                     "choices": [{"index": i, "text": "", "finish_reason": None, "logprobs": None}]}
-            seq, texts = replica.open_stream(replica.task.item_row(prompt, replica.config), params)
+    def _check_completion(self, req: CompletionRequest) -> None:
+        """422 naming the field for what this endpoint cannot honour or allows no more of."""
+        for name, value in NO_OP.items():
+            given = getattr(req, name)
+            if given is not None and given != value:
+                raise ApiError(422, f"{name} {given!r} is not supported (only {value!r} or null)")
+        if req.best_of is not None and req.best_of < req.n:
+            raise ApiError(422, f"best_of {req.best_of} must be at least n ({req.n})")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(422, "stream_options: only with stream: true")
+        if req.max_tokens > self.max_new_tokens_cap:
+            raise ApiError(422, f"max_tokens {req.max_tokens} is over the limit of {self.max_new_tokens_cap}")
+        if req.n > self.max_n:
+            raise ApiError(422, f"n {req.n} is over the limit of {self.max_n}")
+        if req.logprobs is not None and req.logprobs > self.max_logprobs:
+            raise ApiError(422, f"logprobs {req.logprobs} is over the limit of {self.max_logprobs}")
+
+    async def _stream(self, head, c, prepared, groups, echo: bool, usage: bool):
+        """Server-sent events in OpenAI's format: every choice's text as its tokens come (the choices
+        interleaved, each chunk naming its index, with the logprobs of the tokens it begins), a chunk with
+        each choice's finish_reason, the usage when asked, then [DONE]. Every choice is a sequence of the
+        engine's running batch; a client that goes away aborts them (their slots are free the next step)."""
+        self.held += 1
+        replica, loop, ready = self.replicas["generate"], asyncio.get_running_loop(), asyncio.Queue()
+        seqs = [seq for group in groups for seq in group]
+
+        async def pump(k, pieces):  # one choice's pieces into `ready`, read on the waiters' threads
             try:
-                async for text, result in iterate_in_threadpool(texts):
-                    if text:
-                        chunk["choices"][0]["text"] = text
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    if result is not None:
-                        chunk["choices"][0].update(text="", finish_reason=_openai_reason(result["finish_reason"]))
-                        yield f"data: {json.dumps(chunk)}\n\n"
-            finally:
+                while (piece := await loop.run_in_executor(self.waiters, next, pieces, None)) is not None:
+                    ready.put_nowait((k, piece))
+                ready.put_nowait((k, None))
+            except Exception as e:  # the engine failed: the stream ends with it
+                ready.put_nowait((k, e))
+
+        pumps = [asyncio.create_task(pump(k, _choice_pieces(replica, seq, c, echo))) for k, seq in enumerate(seqs)]
+        try:
+            for _ in range(len(seqs)):
+                while (item := await ready.get())[1] is not None:
+                    k, piece = item
+                    if isinstance(piece, Exception):
+                        raise piece
+                    text, result, logprobs = piece
+                    if text or logprobs or result:
+                        reason = _openai_reason(result["finish_reason"]) if result else None
+                        choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            for seq in seqs:
+                self._observe(seq)
+            if usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prepared, seqs)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.held -= 1
+            for task in pumps:
+                task.cancel()
+            for seq in seqs:
                 if not seq.finished:
                     replica.engine.abort(seq)
-            self._observe(seq)
-        yield "data: [DONE]\n\n"
 
     # Declared last: /v1/completions, /v1/models and /v1/stats match first.
     @app.post("/v1/{task}")

@@ -13,6 +13,8 @@ nothing here, or on the replica, is changed per request.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
 import string
 import zlib
@@ -142,6 +144,69 @@ class Task:
 # ----------------------------------------------------------------------------- generate
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each printable character of BLOOM's ByteLevel token strings stands for (GPT-2's table:
+    printable bytes stand for themselves, the others for chr(256 + k) in order)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 256)}
+    others = (b for b in range(256) if b not in printable)
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+BYTE_OF = _byte_level_alphabet()
+
+
+def token_text(tokenizer, token: int) -> str:
+    """One token's own text; for a piece of a character (its bytes alone are not UTF-8), its bytes as
+    OpenAI writes them, "bytes:\\xe4\\xbd", so that different pieces never read alike."""
+    text = tokenizer.decode([token])
+    form = tokenizer.convert_ids_to_tokens(token) or ""
+    if "\ufffd" not in text or not form or any(ch not in BYTE_OF for ch in form):
+        return text
+    return "bytes:" + "".join(f"\\x{BYTE_OF[ch]:02x}" for ch in form)
+
+
+class TokenTexts:
+    """The text of a growing list of token ids, and each token's share of it (`pieces`) and where that
+    begins (`offsets`, from `start`). The pieces concatenate to the decoded text: a character split
+    over several byte-level tokens belongs to the token that completes it, the others get "" (as a
+    skipped special token does). Each token decodes only the few ids whose text is not out yet, where
+    decoding the whole list again would grow with its length."""
+
+    def __init__(self, tokenizer, ids=(), skip_special_tokens: bool = True, start: int = 0):
+        self.tokenizer, self.skip, self.start = tokenizer, skip_special_tokens, start
+        self.ids: list[int] = []
+        self.pieces: list[str] = []
+        self.offsets: list[int] = []
+        self.text = ""
+        self._open = 0  # the first token whose text is not out yet
+        for token in ids:
+            self.add(token)
+        if ids:
+            self.close()
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        self.offsets.append(self.start + len(self.text))
+        piece = self.tokenizer.decode(self.ids[self._open :], skip_special_tokens=self.skip)
+        if piece.endswith("\ufffd"):  # an incomplete character: its next bytes come with a later token
+            self.pieces.append("")
+            return
+        self.pieces.append(piece)
+        self.text += piece
+        self._open = len(self.ids)
+
+    def close(self) -> None:
+        """The list is complete: a character still incomplete goes out as it decodes."""
+        if self._open < len(self.ids):
+            self.pieces[-1] = self.tokenizer.decode(self.ids[self._open :], skip_special_tokens=self.skip)
+            self.text += self.pieces[-1]
+            self._open = len(self.ids)
+
+    def begun(self, end: int) -> int:
+        """How many tokens begin before character `end` of the text."""
+        return bisect.bisect_left(self.offsets, self.start + end)
+
+
 class GenerateParams(_Strict):
     max_new_tokens: int | None = Field(None, ge=0)
     do_sample: bool | None = None
@@ -202,31 +267,62 @@ class Generate(Task):
         return {"generated_text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens)}
 
-    def submit(self, replica, prompt, ids: list[int], c):
-        """One prompt as a sequence of the replica's engine (running on its background thread)."""
+    def submit(self, replica, prompt, ids: list[int], c, n: int = 1, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> list:
+        """One prompt as n sequences of the replica's engine (running on its background thread), sharing
+        one prefill; logprobs / prompt_logprobs: see `bloom.engine.GenerationParams`."""
         replica.start_engine()
-        return replica.engine.submit(ids, self.generation_params(c, prompt))
+        params = dataclasses.replace(self.generation_params(c, prompt), logprobs=logprobs,
+                                     prompt_logprobs=prompt_logprobs)
+        return replica.engine.submit_group(ids, params, n)
 
-    def texts(self, replica, seq, c):
-        """Yield (new text, None) as `seq`'s tokens come, then ("", the result).
+    def texts(self, replica, seq, c, start: int = 0):
+        """Yield (new text, None, logprobs) as `seq`'s tokens come, then (the rest, the result, logprobs).
 
         Text that could still turn out to begin a stop string, or an incomplete UTF-8 character, is
-        held back until it is certain."""
+        held back until it is certain. logprobs (None unless the sequence records them, see `logprobs`):
+        those of the tokens whose text begins in this piece, text offsets counted from `start`; the
+        pieces' logprobs together are the whole text's."""
         hold = max((len(s) for s in c.stop), default=1) - 1
-        out, sent = [], 0
+        out, sent, told = TokenTexts(replica.tokenizer, start=start), 0, 0
         for token in seq.stream():
-            out.append(token)
+            out.add(token)
             # The last token may complete a stop string: its text waits for the result. (The engine sets
             # finish_reason before it hands the last token over, so a token read later than the end is
             # known not to be the last by the count.)
-            if seq.finish_reason is None or len(out) < len(seq.output_ids):
-                text = replica.tokenizer.decode(out, skip_special_tokens=True)
-                safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
+            if seq.finish_reason is None or len(out.ids) < len(seq.output_ids):
+                safe = len(out.text) - hold
                 if safe > sent:
-                    yield text[sent:safe], None
-                    sent = safe
-        result = self.result(replica, c, out, seq.finish_reason or "length", len(seq.prompt_ids))
-        yield result["generated_text"][sent:], result
+                    begun = out.begun(safe)
+                    yield out.text[sent:safe], None, self.logprobs(replica, seq.logprobs, out, told, begun)
+                    sent, told = safe, begun
+        out.close()
+        reason = seq.finish_reason or "length"
+        result = self.result(replica, c, out.ids, reason, len(seq.prompt_ids))
+        # Tokens past a stop string are not part of the text: their logprobs go with them.
+        end = out.begun(len(result["generated_text"])) if reason == "stop" else len(out.ids)
+        yield result["generated_text"][sent:], result, self.logprobs(replica, seq.logprobs, out, told, end)
+
+    def logprobs(self, replica, entries, texts: TokenTexts, a: int, b: int) -> dict | None:
+        """OpenAI's logprobs object for tokens a .. b - 1 of `texts`, from the engine's `entries` (one per
+        token: (logprob, [(id, logprob)] most likely first), or None for a prompt's first token); None
+        when there are no entries. `tokens` are the tokens' pieces of the text (a token without one, such
+        as the eos, shows its own `token_text`); `top_logprobs` maps the alternatives' `token_text`, and
+        the chosen token's, to their logprobs (so up to n + 1 of them, as OpenAI)."""
+        if entries is None:
+            return None
+        tokens, top = [], []
+        for k in range(a, b):
+            tokens.append(texts.pieces[k] or token_text(replica.tokenizer, texts.ids[k]))
+            if entries[k] is None:
+                top.append(None)
+                continue
+            alternatives: dict[str, float] = {}
+            for token, lp in [*entries[k][1], (texts.ids[k], entries[k][0])]:
+                alternatives.setdefault(token_text(replica.tokenizer, token), lp)  # the chosen may be among them
+            top.append(alternatives)
+        return {"tokens": tokens, "token_logprobs": [None if e is None else e[0] for e in entries[a:b]],
+                "top_logprobs": top, "text_offset": texts.offsets[a:b]}
 
 
 def timings(seq) -> dict:

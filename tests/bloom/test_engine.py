@@ -29,6 +29,7 @@ def text_lm(make_checkpoint, tokenizer):
 def alone(model, prompt, params, tokenizer=None):
     """`generate` on this prompt alone with these settings → (new tokens, finish reason)."""
     kwargs = dataclasses.asdict(params)
+    del kwargs["logprobs"], kwargs["prompt_logprobs"]  # the engine's own: generate records none
     kwargs["seed"] = None if params.seed is None else [params.seed]
     out = model.generate(torch.tensor([prompt]), tokenizer=tokenizer, return_dict_in_generate=True, **kwargs)
     n = out.num_new_tokens[0]
@@ -294,3 +295,148 @@ def test_bfloat16_model_gets_a_bfloat16_cache(make_checkpoint):
     assert engine.cache.keys[0].dtype == torch.bfloat16  # half the memory of a float32 cache per token
     seqs = engine.generate([[5, 6, 7], [8] * 20], [GenerationParams(max_new_tokens=n, eos_token_id=()) for n in (9, 4)])
     assert [len(s.output_ids) for s in seqs] == [9, 4] and all(s.finish_reason == "length" for s in seqs)
+
+
+# ----------------------------------------------------------------------------- groups (n) and log-probabilities
+
+
+def count_fed_tokens(model):
+    """A hook counting the token ids every forward feeds (padding included): (counts list, handle)."""
+    fed = []
+    handle = model.transformer.register_forward_pre_hook(lambda module, args: fed.append(args[0].numel()))
+    return fed, handle
+
+
+def test_a_group_prefills_its_prompt_once_and_greedy_siblings_equal_generate_alone(lm):
+    rng = random.Random(9)
+    prompt = [rng.randrange(4, 256) for _ in range(20)]
+    params = GenerationParams(max_new_tokens=7, eos_token_id=())
+    engine = Engine(lm, cache_tokens=4 * 64, max_seq_len=64, prefill_chunk=8)
+    fed, handle = count_fed_tokens(lm)
+    try:
+        group = engine.submit_group(prompt, params, n=3)
+        engine.run()
+    finally:
+        handle.remove()
+    want = alone(lm, prompt, params)[0]
+    assert [s.output_ids for s in group] == [want] * 3 and all(s.finish_reason == "length" for s in group)
+    # 20 prompt tokens once (chunks of 8, 8, 4), then 6 decode steps of the 3 sequences together.
+    assert fed == [8, 8, 4] + [3] * 6
+    assert engine.stats()["slots_used"] == 0 and not engine.has_work
+
+
+def test_groups_among_other_sequences_each_equal_generate_alone(lm):
+    """Groups and single sequences arriving in bursts, with more work than slots: every sequence as alone."""
+    rng = random.Random(10)
+    prompts = random_prompts(rng, 8, max_len=30)
+    sizes = [rng.choice([1, 2, 3]) for _ in prompts]
+    params = [GenerationParams(max_new_tokens=rng.randint(1, 15), eos_token_id=()) for _ in prompts]
+    engine = Engine(lm, cache_tokens=4 * 64, max_seq_len=64, prefill_chunk=16)
+    pending, groups = list(range(len(prompts))), {}
+    while pending or engine.has_work:
+        for _ in range(rng.choice([0, 1, 2])):
+            if pending:
+                i = pending.pop(0)
+                groups[i] = engine.submit_group(prompts[i], params[i], n=sizes[i])
+        engine.step()
+        assert len(engine.running) + len(engine.prefilling) <= 4
+    for i, group in groups.items():
+        want = alone(lm, prompts[i], params[i])[0]
+        assert [s.output_ids for s in group] == [want] * sizes[i], i
+    assert engine.stats()["slots_used"] == 0
+
+
+def test_seeded_siblings_are_reproducible_and_differ_from_each_other(lm):
+    prompt = [5, 9, 23, 77, 140]
+    params = GenerationParams(max_new_tokens=12, do_sample=True, seed=21, eos_token_id=())
+    engine = Engine(lm, cache_tokens=4 * 64, max_seq_len=64)
+    group = engine.submit_group(prompt, params, n=3)
+    engine.run()
+    outputs = [s.output_ids for s in group]
+    assert len({tuple(o) for o in outputs}) == 3  # different samples
+    for j, seq in enumerate(group):  # sibling j draws exactly what seed + j draws alone
+        assert seq.params.seed == 21 + j
+        assert seq.output_ids == alone(lm, prompt, dataclasses.replace(params, seed=21 + j))[0]
+    again = engine.generate([prompt], params)[0]
+    assert again.output_ids == outputs[0]
+
+
+def test_a_group_waits_for_a_slot_per_sequence_and_one_that_never_fits_is_refused(lm):
+    engine = Engine(lm, cache_tokens=3 * 64, max_seq_len=64)
+    with pytest.raises(ValueError, match="a group of 4 sequences needs 4 cache slots at once; the engine has 3"):
+        engine.submit_group([5, 6], GenerationParams(max_new_tokens=3), n=4)
+    assert not engine.has_work
+    first = engine.submit([5, 6, 7], GenerationParams(max_new_tokens=5, eos_token_id=()))
+    engine.step()
+    group = engine.submit_group([8, 9], GenerationParams(max_new_tokens=3, eos_token_id=()), n=3)
+    single = engine.submit([10], GenerationParams(max_new_tokens=2, eos_token_id=()))
+    engine.step()
+    # Two slots free, the group needs three: it waits, and the sequence behind it waits its turn.
+    assert list(engine.waiting) == [group[0], single] and engine.stats()["slots_used"] == 1
+    engine.abort(group[2])  # aborted before the prompt went in: it never takes a slot
+    engine.run()
+    assert first.finish_reason == "length" and single.finish_reason == "length"
+    assert [s.finish_reason for s in group] == ["length", "length", "abort"] and group[2].output_ids == []
+    assert engine.stats()["slots_used"] == 0
+    leader_aborted = engine.submit_group([8, 9], GenerationParams(max_new_tokens=3), n=2)
+    engine.abort(leader_aborted[0])  # its sibling never started: it ends too
+    engine.run()
+    assert [s.finish_reason for s in leader_aborted] == ["abort", "abort"]
+    assert engine.stats()["slots_used"] == 0 and not engine.has_work
+
+
+def test_logprobs_are_the_models_log_softmax_at_those_positions(lm):
+    """Recorded for the rows that ask: the chosen token's logprob and the top n, ordered, equal to
+    log_softmax of the model's logits over prompt + output (computed here in one forward), whatever the
+    sampling settings, the chunking of the prompt or the rows around."""
+    rng = random.Random(11)
+    prompts = random_prompts(rng, 4, max_len=30) + [[rng.randrange(4, 256) for _ in range(45)]]
+    settings = [
+        GenerationParams(max_new_tokens=9, eos_token_id=(), logprobs=3, prompt_logprobs=2),
+        GenerationParams(max_new_tokens=7, eos_token_id=()),  # asks nothing
+        GenerationParams(max_new_tokens=8, do_sample=True, seed=4, temperature=0.6, top_k=5, eos_token_id=(),
+                         logprobs=0),
+        GenerationParams(max_new_tokens=6, repetition_penalty=1.5, eos_token_id=(), logprobs=5),
+        GenerationParams(max_new_tokens=5, eos_token_id=(), logprobs=1, prompt_logprobs=4),  # 3 prompt chunks
+    ]
+    engine = Engine(lm, cache_tokens=8 * 64, max_seq_len=64, prefill_chunk=16)
+    seqs = engine.generate(prompts, settings)
+    assert seqs[1].logprobs is None and seqs[1].prompt_logprobs is None
+    for prompt, params, seq in zip(prompts, settings, seqs):
+        assert seq.output_ids == alone(lm, prompt, params)[0]  # asking changes nothing
+        if params.logprobs is None:
+            continue
+        ids = prompt + seq.output_ids
+        with torch.inference_mode():
+            want = lm(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (T, V)
+        scored = [(len(prompt) + k, lp, top, params.logprobs) for k, (lp, top) in enumerate(seq.logprobs)]
+        if params.prompt_logprobs is not None:
+            assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
+            scored += [(p, lp, top, params.prompt_logprobs) for p, (lp, top) in enumerate(seq.prompt_logprobs[1:], 1)]
+        assert len(seq.logprobs) == len(seq.output_ids)
+        for position, lp, top, n in scored:
+            row = want[position - 1]  # position t - 1 scores token t
+            assert lp == pytest.approx(row[ids[position]].item(), abs=1e-4)
+            assert len(top) == n
+            assert [t for t, _ in top] == row.topk(n).indices.tolist()
+            assert [v for _, v in top] == pytest.approx(row.topk(n).values.tolist(), abs=1e-4)
+            assert all(a[1] >= b[1] for a, b in zip(top, top[1:]))
+    # The sampled row drew from its tempered, top-k distribution; its logprobs are still the model's.
+    assert seqs[2].output_ids != alone(lm, prompts[2], dataclasses.replace(settings[2], do_sample=False))[0]
+
+
+def test_a_prompt_can_be_scored_without_generating(lm):
+    """max_new_tokens 0 with prompt_logprobs (OpenAI's echo with max_tokens 0): the prompt is run, nothing
+    is generated, and the group shares the one scoring."""
+    prompt = [5, 9, 23, 77, 140, 3, 18]
+    engine = Engine(lm, cache_tokens=4 * 64, max_seq_len=64)
+    fed, handle = count_fed_tokens(lm)
+    try:
+        group = engine.submit_group(prompt, GenerationParams(max_new_tokens=0, prompt_logprobs=1), n=2)
+        engine.run()
+    finally:
+        handle.remove()
+    assert fed == [len(prompt)]
+    assert [(s.finish_reason, s.output_ids) for s in group] == [("length", []), ("length", [])]
+    assert group[1].prompt_logprobs == group[0].prompt_logprobs and len(group[0].prompt_logprobs) == len(prompt)
+    assert engine.stats()["slots_used"] == 0

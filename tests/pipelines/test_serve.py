@@ -93,6 +93,77 @@ def test_openai_client_completions(server):
     assert [m.id for m in client.models.list().data] == list(server[1])
 
 
+def _by_choice(chunks):
+    """A stream's chunks → {index: (text, logprobs joined, finish_reason)}."""
+    out = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            text, logprobs, _ = out.get(c.index, ("", None, None))
+            if c.logprobs is not None:
+                piece = c.logprobs.model_dump()
+                logprobs = piece if logprobs is None else {k: logprobs[k] + piece[k] for k in logprobs}
+            out[c.index] = (text + c.text, logprobs, c.finish_reason)
+    return out
+
+
+def test_openai_client_n_logprobs_and_echo_streamed_and_not(server):
+    """n choices per prompt (indexed i * n + j), logprobs of the chosen and top tokens with their text
+    offsets, the prompt echoed with its own logprobs; the stream carries the same, and usage counts each
+    prompt once."""
+    import openai
+
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY)
+    prompts = ["The quick brown fox", "Ada Obi flew to Lima and"]
+    # The client's no-op values of what we do not implement are accepted.
+    ask = dict(model="generate", prompt=prompts, max_tokens=6, temperature=0, n=3, logprobs=2, echo=True,
+               frequency_penalty=0, presence_penalty=0, best_of=None, logit_bias={}, suffix=None)
+    done = client.completions.create(**ask)
+    assert [c.index for c in done.choices] == list(range(6))
+    replica = BloomReplica(LabelConfig(task="generate", **{**server[1]["generate"], "max_new_tokens": 6}))
+    prompt_tokens = [len(replica.tokenizer.encode(p)) for p in prompts]
+    for i, prompt in enumerate(prompts):
+        group = done.choices[3 * i : 3 * i + 3]
+        assert len({c.text for c in group}) == 1  # greedy: the n choices are equal
+        generated = replica.label_rows([{"text": prompt}])[0]["generated_text"]
+        assert group[0].text == prompt + generated  # echo: the prompt, then what it generates alone
+        lp = group[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the prompt's first token
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        for token, offset in zip(lp.tokens, lp.text_offset):
+            if not token.startswith("bytes:") and offset < len(group[0].text):  # not a piece of a character
+                assert group[0].text.startswith(token, offset)
+        for k in range(prompt_tokens[i], len(lp.tokens)):  # greedy picks the most likely token
+            top = lp.top_logprobs[k]
+            assert 2 <= len(top) <= 3 and lp.token_logprobs[k] == pytest.approx(max(top.values()))
+        assert all(lp.token_logprobs[k] <= 0 for k in range(1, len(lp.tokens)))
+    completion = sum(len(c.logprobs.tokens) for c in done.choices) - 3 * sum(prompt_tokens)
+    assert done.usage.prompt_tokens == sum(prompt_tokens)  # once per prompt, not per choice
+    assert done.usage.completion_tokens == completion and done.usage.total_tokens == sum(prompt_tokens) + completion
+
+    chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    streamed = _by_choice(chunks)
+    assert sorted(streamed) == list(range(6))
+    for c in done.choices:
+        text, logprobs, reason = streamed[c.index]
+        assert (text, reason) == (c.text, c.finish_reason)
+        want = c.logprobs.model_dump()
+        assert logprobs["tokens"] == want["tokens"] and logprobs["text_offset"] == want["text_offset"]
+        assert logprobs["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+    assert sum(1 for c in chunks if c.choices and c.choices[0].index == 4) > 2  # token by token
+
+    # Sampled choices differ from each other, and a seed makes them reproducible.
+    sampled = dict(model="generate", prompt=prompts[0], max_tokens=8, temperature=1.0, n=3, seed=7)
+    first = [c.text for c in client.completions.create(**sampled).choices]
+    assert len(set(first)) == 3 and [c.text for c in client.completions.create(**sampled).choices] == first
+    # echo with max_tokens 0 scores the prompt without generating.
+    scored = client.completions.create(model="generate", prompt=prompts[1], max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == prompts[1] and scored.usage.completion_tokens == 0
+    assert len(scored.choices[0].logprobs.tokens) == prompt_tokens[1]
+    assert [len(t) for t in scored.choices[0].logprobs.top_logprobs[1:]] == [1] * (prompt_tokens[1] - 1)
+
+
 def test_health_and_readiness(server):
     assert requests.get(server[0] + "/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(server[0] + "/readyz", timeout=10).json()["ready"] is True
@@ -121,6 +192,15 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, body, s
     ("/v1/completions", {"prompt": " ", "max_tokens": 2, "stream": True}, 422, "prompt: text is empty"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100}, 422, "max_tokens 100 is over the limit of 64"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' is not served"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 422, "n 9 is over the limit of 8"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 422, "logprobs 6 is over the limit of 5"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 422, "frequency_penalty 0.5 is not supported"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -1}, 422, "presence_penalty -1.0 is not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 422, "best_of 2 is not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 422, "logit_bias {'5': 10.0} is not supported"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, 422, "suffix 'end' is not supported"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 422, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "functions": []}, 422, "functions"),
     ("/v1/classify", {"inputs": ["fine", ""]}, 422, "inputs[1]: text is empty"),
     ("/v1/classify", {"inputs": "x" * 100_001}, 413, "over the limit"),
     ("/v1/nothing", {"inputs": "x"}, 404, "no route /v1/nothing"),

@@ -67,3 +67,31 @@ def test_truncating_a_templated_prompt_keeps_the_template(checkpoints):
     out = rep.label_rows([row])[0]
     assert not out.get("error")
     assert out["truncated"] and out["completion_tokens"] == 2
+
+
+def test_token_texts_are_each_tokens_share_of_the_decoded_text(tokenizer):
+    """Pieces decoded a few tokens at a time concatenate to the whole decode, also for slices that start
+    or end inside a multi-byte character, and with special tokens (skipped or shown)."""
+    import random
+
+    from bloom.tiny import SAMPLE_TEXT
+    from pipelines.tasks import TokenTexts, token_text
+
+    ids = tokenizer.encode(" ".join(SAMPLE_TEXT))
+    split = [t for t in ids if "\ufffd" in tokenizer.decode([t])]
+    assert split  # the sample text has characters spread over several tokens
+    rng = random.Random(0)
+    for _ in range(200):
+        a = rng.randrange(len(ids))
+        chunk = ids[a : a + rng.randint(1, 40)] + rng.choice([[], [2], [2, 3]])  # </s>, <pad> at the end
+        for skip in (True, False):
+            texts = TokenTexts(tokenizer, chunk, skip_special_tokens=skip, start=7)
+            assert texts.text == "".join(texts.pieces) == tokenizer.decode(chunk, skip_special_tokens=skip)
+            assert texts.offsets == [7 + len("".join(texts.pieces[:k])) for k in range(len(chunk))]
+            assert texts.begun(len(texts.text)) == sum(1 for o in texts.offsets if o < 7 + len(texts.text))
+    whole = TokenTexts(tokenizer, [split[0]])  # alone, a piece of a character decodes as it is
+    assert whole.pieces == [tokenizer.decode([split[0]])]
+    # Shown on its own (logprobs), a piece of a character is its bytes, as OpenAI writes them.
+    shown = {token_text(tokenizer, t) for t in set(split)}
+    assert len(shown) == len(set(split)) and all(t.startswith("bytes:\\x") for t in shown)
+    assert token_text(tokenizer, 2) == "</s>" and token_text(tokenizer, ids[0]) == tokenizer.decode([ids[0]])
