@@ -5,19 +5,19 @@ stop strings, eos) and its output, streamed token by token. `Engine.step()` does
 
   1. take new sequences and aborts (an aborted sequence's slot is freed here, before any model call);
   2. admit waiting sequences in arrival order while a cache slot is free;
-  3. prefill: feed up to `prefill_chunk` prompt tokens (several short prompts in one forward, or the next
-     chunk of a long one), so a long prompt delays the running streams by one chunk per step, not by
-     its whole prefill; a prompt whose last chunk went in gets its first token this step;
-  4. decode: one token for every running sequence, in one forward;
-  5. sample every row of the step in one call (each with its own settings and generator), finish rows
+  3. one forward for the whole step (`PackedStep`): one token for every running sequence, plus up to
+     `prefill_chunk` prompt tokens of the sequences being prefilled (several short prompts, or the next
+     chunk of a long one), packed into one row without padding; so a long prompt delays the running
+     streams by one chunk per step, not by its whole prefill, and a prompt joining costs no forward of
+     its own; a prompt whose last chunk went in gets its first token this step;
+  4. sample every row of the step in one call (each with its own settings and generator), finish rows
      on eos, a stop string or their own max_new_tokens, and free their slot at once.
 
 The KV cache (`SlotKVCache`) is allocated once: `cache_tokens // max_seq_len` slots of `max_seq_len`
 tokens, per layer. A sequence takes a slot when it is admitted, so it never runs out of room while it
 runs (no preemption, no recomputation), and gives it back the moment it ends. Running sequences are kept
-in the first slots (a finished one's hole is filled by moving another in), so a decode step attends over
-a view of the cache, with no copy. A forward sees its rows through `SlotBatch`, in layouts the model
-already handles: ALiBi positions and the causal mask come from each row's own length.
+in the first slots (a finished one's hole is filled by moving another in), so the decode rows attend over
+a view of the cache, with no copy. ALiBi positions and the causal mask come from each row's own length.
 Why slots and not pages: pages would fit more short sequences in the same memory, but without a paged
 attention kernel every decode step must first gather each row's keys and values into one tensor; on
 CPU that copy made a first paged version of this engine 2.2x slower than the static path in
@@ -27,8 +27,8 @@ Knobs (constructor arguments):
   cache_tokens   the KV cache budget in tokens (memory: 2 · n_layer · cache_tokens · hidden_size · dtype
                  bytes); with max_seq_len it sets how many sequences run at once (the decode batch).
   max_seq_len    the most tokens one sequence may hold, prompt + max_new_tokens (a slot's size).
-  prefill_chunk  prompt tokens per step, padding included (default 256): smaller keeps the running
-                 streams' time per token steadier while prompts arrive, larger prefills faster.
+  prefill_chunk  prompt tokens per step (default 256): smaller keeps the running streams' time per
+                 token steadier while prompts arrive, larger prefills faster.
 
 Guarantees:
   - Greedy output of a sequence is token for token `model.generate` on its prompt alone, whatever
@@ -68,10 +68,10 @@ from .generation import (
     eos_ids,
     finish_reason,
     next_token,
-    prefill,
     sampling_params,
     token_logprobs,
 )
+from .model import attention, attention_bias
 
 logger = logging.getLogger("bloom")
 
@@ -133,72 +133,76 @@ class SlotKVCache:
             buf[src, :, :n_dst] = held
 
 
-class SlotBatch:
-    """One forward's view of the slot cache, passed to the model as its `past_key_values`.
+class PackedStep:
+    """One step's forward over the slot cache: every row's new tokens packed into one sequence of N tokens,
+    with no padding, passed to the model as its `past_key_values`.
 
-    Row i (slot slots[i]) has c_i cached and n_i new tokens. The new tokens' keys and values are written at
-    positions c_i ... c_i + n_i - 1 of the row's slot; what the model attends over comes in one of two layouts
-    that BloomModel's mask and ALiBi code already handle (its new tokens are the last T columns):
+    The rows are R decoding sequences (one token each, in slots 0 .. R-1, c_i tokens cached) followed by P
+    prompt chunks (n_j tokens each, in their own slots, c_j cached). The linears, LayerNorms and the MLP
+    see all N = R + sum(n_j) tokens as one (1, N, C) batch, so a step costs one forward however many
+    prompts join it, and nothing is computed for padding. Only attention needs to know the rows: `attend`
+    writes each new token's key and value at its position in its slot, then
+      - the R decode queries attend together over a view of slots 0 .. R-1 (no copy), right-padded to
+        the longest of them, max(c_i) + 1 keys; the mask hides each row's padding;
+      - each prompt chunk attends over its own slot's first c_j + n_j keys, causally.
+    ALiBi positions are each row's own token positions 0, 1, 2, ... (the mask's cumulative sum, as in
+    BloomModel), so a row's result does not depend on what else is in the step."""
 
-      - in place, when the rows are consecutive slots and either one token each (decode) or one row: a
-        view of the cache, no copy. Rows are right-padded to S = max(c_i + n_i); a single new query at
-        the last column sees exactly its row's c_i + 1 tokens through the mask.
-      - gathered, otherwise (prefill chunks of several prompts): a left-padded copy,
-        [ c_i cached | gap to C | padding | n_i new ] of S = C + T columns, C = max c_i, T = max n_i.
+    length = 0  # BloomModel reads it; each row's own length is known here
 
-    Either way `mask` (B, S) is 1 exactly on each row's own tokens, so its ALiBi positions (the mask's
-    cumulative sum) run 0, 1, 2, ... and its queries see only its tokens. The engine keeps its running
-    sequences in slots 0 .. R-1 so that decoding, the step that runs every time, takes the view."""
-
-    def __init__(self, cache: SlotKVCache, slots: list[int], cached: list[int], new: list[int]):
-        B, T = len(slots), max(new)
+    def __init__(self, cache: SlotKVCache, decode_cached: list[int], chunks: list[tuple[int, int, int]],
+                 n_head: int, dtype: torch.dtype):
+        """decode_cached: c_i of the sequences in slots 0 .. R-1; chunks: (slot, c_j, n_j) of each prompt chunk."""
         device = cache.keys[0].device
-        self.cache = cache
-        self.slots = torch.tensor(slots, device=device)
-        c, n = (torch.tensor(x, device=device)[:, None] for x in (cached, new))
-        self.in_place = slots == list(range(slots[0], slots[0] + B)) and (B == 1 or T == 1)
-        if self.in_place:
-            self.first, self.end = slots[0], max(ci + ni for ci, ni in zip(cached, new))
-            self.length = self.end - T
-            self.mask = (torch.arange(self.end, device=device) < c + n).long()
-        else:
-            self.length = C = max(cached)
-            column = torch.arange(C + T, device=device)
-            self.mask = ((column < c) | (column >= C + T - n)).long()
-        t = torch.arange(T, device=device)
-        # (B, T): which new columns are real tokens, not left padding (None: all are, as in a decode step)
-        self.new_real = None if min(new) == T else t >= T - n
-        real = self.new_real if self.new_real is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-        write_slot = self.slots[:, None].expand(B, T)[real]  # (N,) slot and position of each real new token
-        write_pos = (c + t - (T - n))[real]
-        # Each real token's row, per head, in a layer's cache seen as (num_slots * H * max_seq_len, D): one
+        self.cache, self.R = cache, len(decode_cached)
+        slots = list(range(self.R)) + [slot for slot, _, n in chunks for _ in range(n)]
+        positions = list(decode_cached) + [c + t for _, c, n in chunks for t in range(n)]
+        # Each new token's row, per head, in a layer's cache seen as (num_slots * H * max_seq_len, D): one
         # index_copy_ per layer writes them all (an index_put with two index tensors costs ~10x more).
         H, L = cache.keys[0].shape[1], cache.max_seq_len
-        self.write_rows = ((write_slot[:, None] * H + torch.arange(H, device=device)) * L + write_pos[:, None]).reshape(-1)
+        slot_t, pos_t = torch.tensor(slots, device=device), torch.tensor(positions, device=device)
+        self.write_rows = ((slot_t[:, None] * H + torch.arange(H, device=device)) * L + pos_t[:, None]).reshape(-1)
+        # Offsets of each row's new tokens in the packed sequence; `last` picks each row's last token.
+        self.offsets, self.last, at = list(range(self.R)), list(range(self.R)), self.R
+        for _, _, n in chunks:
+            self.offsets.append(at)
+            self.last.append(at + n - 1)
+            at += n
+        self.chunks = chunks
+        biases = []
+        if self.R:
+            self.end = max(decode_cached) + 1
+            mask = torch.arange(self.end, device=device) < torch.tensor(decode_cached, device=device)[:, None] + 1
+            biases.append(attention_bias(mask, 1, n_head, dtype))  # (R, H, 1, end)
+        for _, c, n in chunks:  # (1, H, n, c + n): causal over the row's own tokens
+            biases.append(attention_bias(torch.ones(1, c + n, dtype=torch.long, device=device), n, n_head, dtype))
+        self._biases = biases
         self._on_device: dict[torch.device, tuple] = {}
 
-    def _indices(self, device: torch.device) -> tuple:
-        """write_rows, new_real and slots on `device` (a layer's, under a device map), moved once a forward."""
+    def _moved(self, device: torch.device) -> tuple:
+        """(write_rows, biases) on `device` (a layer's, under a device map), moved once a forward."""
         if device not in self._on_device:
-            self._on_device[device] = tuple(None if x is None else x.to(device)
-                                            for x in (self.write_rows, self.new_real, self.slots))
+            self._on_device[device] = (self.write_rows.to(device), [b.to(device) for b in self._biases])
         return self._on_device[device]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the real new tokens of k, v (B, H, T, D) in their slots; return the keys and values to
-        attend over, (B, H, S, D), in one of the layouts above."""
-        out = []
-        for buf, new in ((self.cache.keys[layer], k), (self.cache.values[layer], v)):
-            rows, new_real, slots = self._indices(buf.device)
-            tokens = new.transpose(1, 2)  # (B, T, H, D)
-            tokens = tokens.reshape(-1, *tokens.shape[2:]) if new_real is None else tokens[new_real]  # (N, H, D)
-            buf.view(-1, buf.shape[-1]).index_copy_(0, rows, tokens.reshape(-1, buf.shape[-1]))
-            if self.in_place:
-                out.append(buf[self.first : self.first + len(self.slots), :, : self.end])
-            else:
-                old = buf[:, :, : self.length].index_select(0, slots)  # (B, H, C, D)
-                out.append(torch.cat([old, new], 2))
-        return out[0], out[1]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q, k, v (1, H, N, D) of the packed tokens → attention output (1, H, N, D), each row over its own
+        tokens; stores k, v in the rows' slots first."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        rows, biases = self._moved(keys.device)
+        for buf, new in ((keys, k), (values, v)):
+            buf.view(-1, buf.shape[-1]).index_copy_(0, rows, new[0].transpose(0, 1).reshape(-1, buf.shape[-1]))
+        out, R = [], self.R
+        if R:  # (R, H, 1, D) queries over slots 0 .. R-1, in place
+            y, _ = attention(q[0, :, :R].transpose(0, 1)[:, :, None], keys[:R, :, : self.end],
+                             values[:R, :, : self.end], biases[0], scale)
+            out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, H, R, D)
+        for j, (slot, c, n) in enumerate(self.chunks):
+            o = self.offsets[R + j]
+            y, _ = attention(q[:, :, o : o + n], keys[slot : slot + 1, :, : c + n], values[slot : slot + 1, :, : c + n],
+                             biases[j + (1 if R else 0)], scale)
+            out.append(y)  # (1, H, n, D)
+        return out[0] if len(out) == 1 else torch.cat(out, 2)
 
     def advance(self, n: int) -> None:
         """The model calls this after a forward; the engine keeps each sequence's length itself."""
@@ -516,27 +520,22 @@ class Engine:
     def _step(self) -> list[Sequence]:
         ended = self._take_inbox()
         self._admit()
-        rows, logits = [], []  # the sequences that get a token this step, and their next-token logits
-        plan = self._plan_prefill()
-        if plan:
-            seqs = [s for s, _ in plan]
-            out = self._forward(seqs, [s.prompt_ids[s.num_cached : s.num_cached + n] for s, n in plan],
-                                self._prompt_logprobs(plan))
-            for s, n in plan:
-                s.num_cached += n
-            complete = [i for i, s in enumerate(seqs) if s.num_cached == len(s.prompt_ids)]
-            rows += [seqs[i] for i in complete]
-            logits.append(out[complete])
-        self._compact()
-        decoding = list(self.running)
-        if decoding:
-            logits.append(self._forward(decoding, [[s.output_ids[-1]] for s in decoding]))
-            for s in decoding:
-                s.num_cached += 1
-            rows += decoding
+        self._compact()  # running sequences into slots 0 .. R-1, where the decode rows read the cache in place
+        decoding, plan = list(self.running), self._plan_prefill()
+        if not decoding and not plan:
+            return ended
+        logits = self._forward(decoding, plan)  # (R + P, V): decode rows, then prompt chunks
+        for s in decoding:
+            s.num_cached += 1
+        for s, n in plan:
+            s.num_cached += n
+        # A prompt whose last chunk went in gets its first token this step.
+        complete = [j for j, (s, _) in enumerate(plan) if s.num_cached == len(s.prompt_ids)]
+        rows = [plan[j][0] for j in complete] + decoding
         if rows:
             self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(rows)
-            ended += self._sample(rows, torch.cat(logits))
+            R = len(decoding)
+            ended += self._sample(rows, logits[[R + j for j in complete] + list(range(R))])
         for s in [s for s in self.prefilling if s.num_cached == len(s.prompt_ids)]:
             self.prefilling.remove(s)
             self.running.append(s)
@@ -590,24 +589,31 @@ class Engine:
             self.prefilling.append(seq)
 
     def _plan_prefill(self) -> list[tuple[Sequence, int]]:
-        """(sequence, prompt tokens to feed) for this step: rows × the longest chunk stays within
-        prefill_chunk, the first prompt in line always gets min(what is left, prefill_chunk)."""
-        plan, width = [], 0
+        """(sequence, prompt tokens to feed) for this step, up to prefill_chunk tokens in all; the first
+        prompt in line always gets min(what is left, prefill_chunk)."""
+        plan, budget = [], self.prefill_chunk
         for seq in self.prefilling:
-            n = min(len(seq.prompt_ids) - seq.num_cached, self.prefill_chunk)
-            if plan and (len(plan) + 1) * max(width, n) > self.prefill_chunk:
+            n = min(len(seq.prompt_ids) - seq.num_cached, budget)
+            if n < 1:
                 break
             plan.append((seq, n))
-            width = max(width, n)
+            budget -= n
         return plan
 
-    def _forward(self, seqs: list[Sequence], new_ids: list[list[int]], on_hidden=None) -> torch.Tensor:
-        """Feed each sequence its new tokens (left-padded into one (B, T) batch) → fp32 logits (B, V) of
-        each row's last new token. on_hidden: see `bloom.generation.prefill`."""
-        T = max(map(len, new_ids))
-        ids = torch.tensor([[0] * (T - len(x)) + x for x in new_ids], device=self.device)
-        batch = SlotBatch(self.cache, [s.slot for s in seqs], [s.num_cached for s in seqs], [len(x) for x in new_ids])
-        return prefill(self.model, ids, batch.mask, batch, on_hidden)
+    def _forward(self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """One forward for the whole step: each decoding sequence's last token and each planned prompt
+        chunk, packed into one row (see PackedStep) → fp32 logits (R + P, V) of each row's last new token.
+        Prompt logprobs are recorded here for the chunks that ask (from the same hidden states)."""
+        ids = [s.output_ids[-1] for s in decoding]
+        for s, n in plan:
+            ids += s.prompt_ids[s.num_cached : s.num_cached + n]
+        w = self.cache.keys[0]
+        step = PackedStep(self.cache, [s.num_cached for s in decoding], [(s.slot, s.num_cached, n) for s, n in plan],
+                          self.model.config.n_head, w.dtype)
+        h = self.model.transformer(torch.tensor([ids], device=self.device), past_key_values=step, use_cache=True,
+                                   return_dict=True).last_hidden_state[0]  # (N, C)
+        self._prompt_logprobs(plan, h, step.offsets[len(decoding) :])
+        return self.model.get_output_embeddings()(h[step.last]).float()
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         rows, logits = self._fork(rows, logits)
@@ -663,28 +669,21 @@ class Engine:
             index += [i] * len(group)
         return out, logits[index]
 
-    def _prompt_logprobs(self, plan: list[tuple[Sequence, int]]):
-        """For a prefill forward whose rows ask for their prompt's logprobs, a function of its final hidden
-        states (B, T, C) that records them; None when no row asks (the forward then computes the last
-        position's logits only). Row i's chunk is its last n columns, prompt positions c .. c + n - 1
-        (c = tokens cached before it); position p's logits score prompt token p + 1."""
-        asking = [(i, s, n) for i, (s, n) in enumerate(plan) if s.prompt_logprobs is not None]
-        if not asking:
-            return None
-        head = self.model.get_output_embeddings()
-
-        def record(h: torch.Tensor) -> None:
-            T = h.shape[1]
-            for i, s, n in asking:
-                c = s.num_cached
-                scored = min(n, len(s.prompt_ids) - 1 - c)  # the last prompt position predicts a new token
-                for a in range(0, scored, 64):  # (64, V) fp32 logits at a time, never (T, V)
-                    b = min(a + 64, scored)
-                    logits = head(h[i, T - n + a : T - n + b]).float()
-                    s.prompt_logprobs += token_logprobs(logits, s.prompt_ids[c + a + 1 : c + b + 1],
-                                                        s.params.prompt_logprobs)
-
-        return record
+    def _prompt_logprobs(self, plan: list[tuple[Sequence, int]], h: torch.Tensor, offsets: list[int]) -> None:
+        """Record the prompt logprobs of the chunks whose sequence asks for them, before num_cached moves on.
+        h (N, C): the step's final hidden states; chunk j's n tokens are h[offsets[j] : offsets[j] + n], prompt
+        positions c .. c + n - 1 (c = tokens cached before it); position p's logits score prompt token p + 1."""
+        head = None
+        for (s, n), o in zip(plan, offsets):
+            if s.prompt_logprobs is None:
+                continue
+            head = head or self.model.get_output_embeddings()
+            c = s.num_cached
+            scored = min(n, len(s.prompt_ids) - 1 - c)  # the last prompt position predicts a new token
+            for a in range(0, scored, 64):  # (64, V) fp32 logits at a time, never (N, V)
+                b = min(a + 64, scored)
+                logits = head(h[o + a : o + b]).float()
+                s.prompt_logprobs += token_logprobs(logits, s.prompt_ids[c + a + 1 : c + b + 1], s.params.prompt_logprobs)
 
     def _record_logprobs(self, rows: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
         """Append each asking row's new token's logprob and top alternatives (before the token is emitted)."""

@@ -66,21 +66,11 @@ class KVCache:
 # ----------------------------------------------------------------------------- one forward
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, on_hidden=None) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompts (B, T) through the model, filling `cache`; attention_mask (B, S) covers the cache
-    and the prompts. Returns the fp32 logits (B, V) of each row's last position.
-
-    on_hidden(h), when given, is called with the final hidden states h (B, T, C) of every position, for
-    a caller that needs logits at other positions too (the engine's prompt logprobs, for the rows that
-    ask only: (T, V) logits for every row would dwarf the forward's memory)."""
-    if on_hidden is None:
-        out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
-    # BloomForCausalLM.forward split in two: the same transformer call, then the same head on the last position.
-    h = model.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True,
-                          return_dict=True).last_hidden_state
-    on_hidden(h)
-    return model.get_output_embeddings()(h[:, -1:])[:, -1].float()
+    and the prompts. Returns the fp32 logits (B, V) of each row's last position."""
+    out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
 
 
 def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:

@@ -125,32 +125,43 @@ class BloomAttention(nn.Module):
         # BLOOM's fused QKV is laid out per head, (H, 3, D), not (3, H, D) as in GPT-2.
         qkv = self.query_key_value(x).view(B, T, H, 3, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # 3 x (B, H, T, D)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D)
-        S = k.shape[2]
-        p_drop = self.attention_dropout if self.training else 0.0
-        probs = None
-        # SDPA's CPU kernel is slower than the plain product below for short keys (measured: 5.4 vs
-        # 2.8 ms at B=8, H=16, T=S=128 in bf16) and faster for long ones (18 vs 31 ms at S=512).
-        explicit = k.device.type == "cpu" and S <= SDPA_MIN_KEYS_CPU
-        if output_attentions or head_mask is not None or explicit:
-            # bias + scale * q k^T in one baddbmm, as the reference computes it (the bias is the
-            # product's input, so no separate scale and add passes; bf16 rounds once). The reshapes
-            # copy q (and k, v without a cache) once: the batched product needs (B*H)-major operands.
-            scores = torch.baddbmm(bias.reshape(B * H, T, S), q.reshape(B * H, T, D),
-                                   k.reshape(B * H, S, D).transpose(1, 2), alpha=self.scale)  # (B*H, T, S)
-            # Softmax in fp32 whatever the model dtype, as BLOOM was trained. Torch's softmax kernels
-            # compute a bf16/fp16 input in fp32 and round only the result, which equals the reference's
-            # softmax(dtype=float32).to(dtype) without its two full-size copies (tested).
-            probs = torch.softmax(scores, -1).view(B, H, T, S)
-            weights = F.dropout(probs, p_drop, self.training)
-            if head_mask is not None:
-                weights = weights * head_mask
-            y = torch.bmm(weights.view(B * H, T, S), v.reshape(B * H, S, D)).view(B, H, T, D)
+        if cache is not None and hasattr(cache, "attend"):
+            # Sequences of different lengths packed into one row (B = 1, no padding): the cache attends
+            # each over its own tokens (bloom.engine.PackedStep), with this same `attention`.
+            y, probs = cache.attend(self.layer_idx, q, k, v, self.scale), None
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D)
+            p_drop = self.attention_dropout if self.training else 0.0
+            y, probs = attention(q, k, v, bias, self.scale, p_drop, self.training, head_mask, output_attentions)
         y = y.transpose(1, 2).reshape(B, T, C)
         return _linear_residual(self.dense, y, residual, self.tp, self.hidden_dropout, self.training), probs
+
+
+def attention(q, k, v, bias, scale: float, p_drop: float = 0.0, training: bool = False, head_mask=None,
+              output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q (B, H, T, D) over k, v (B, H, S, D) with the additive ALiBi-and-mask bias (B, H, T, S) →
+    (y (B, H, T, D), the probabilities (B, H, T, S) or None where they were not formed)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    # SDPA's CPU kernel is slower than the plain product below for short keys (measured: 5.4 vs
+    # 2.8 ms at B=8, H=16, T=S=128 in bf16) and faster for long ones (18 vs 31 ms at S=512).
+    explicit = k.device.type == "cpu" and S <= SDPA_MIN_KEYS_CPU
+    if not (output_attentions or head_mask is not None or explicit):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop), None
+    # bias + scale * q k^T in one baddbmm, as the reference computes it (the bias is the
+    # product's input, so no separate scale and add passes; bf16 rounds once). The reshapes
+    # copy q (and k, v without a cache) once: the batched product needs (B*H)-major operands.
+    scores = torch.baddbmm(bias.reshape(B * H, T, S), q.reshape(B * H, T, D),
+                           k.reshape(B * H, S, D).transpose(1, 2), alpha=scale)  # (B*H, T, S)
+    # Softmax in fp32 whatever the model dtype, as BLOOM was trained. Torch's softmax kernels
+    # compute a bf16/fp16 input in fp32 and round only the result, which equals the reference's
+    # softmax(dtype=float32).to(dtype) without its two full-size copies (tested).
+    probs = torch.softmax(scores, -1).view(B, H, T, S)
+    weights = F.dropout(probs, p_drop, training)
+    if head_mask is not None:
+        weights = weights * head_mask
+    return torch.bmm(weights.view(B * H, T, S), v.reshape(B * H, S, D)).view(B, H, T, D), probs
 
 
 class BloomMLP(nn.Module):
@@ -349,9 +360,11 @@ class BloomModel(BloomPreTrainedModel):
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.word_embeddings(input_ids)
         B, T, _ = inputs_embeds.shape
-        # Any object with KVCache's surface (length, update, advance) serves as the cache: the engine passes
-        # a view of its paged cache (bloom.engine.PagedBatch) that gives each row its own keys and length.
-        if past_key_values is not None and not callable(getattr(past_key_values, "update", None)):
+        # Any object with KVCache's surface (length, update, advance) serves as the cache. One with `attend`
+        # instead of `update` holds sequences packed into one row and attends each itself, with its own
+        # masks and ALiBi (the engine's bloom.engine.PackedStep); attention_mask is then not used.
+        packed = past_key_values is not None and callable(getattr(past_key_values, "attend", None))
+        if past_key_values is not None and not packed and not callable(getattr(past_key_values, "update", None)):
             raise TypeError(
                 f"past_key_values must be a bloom.KVCache, got {type(past_key_values).__name__} "
                 "(it is the second positional argument: pass attention_mask by keyword)"
@@ -359,15 +372,16 @@ class BloomModel(BloomPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = KVCache(cfg.n_layer)
         past = past_key_values.length if past_key_values is not None else 0
-        if attention_mask is None:
+        if attention_mask is None and not packed:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=inputs_embeds.device)
-        elif attention_mask.shape != (B, past + T):
+        elif not packed and attention_mask.shape != (B, past + T):
             raise ValueError(
                 f"attention_mask must cover the cached and the new tokens: expected shape {(B, past + T)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
         x = self.word_embeddings_layernorm(inputs_embeds)
-        bias = attention_bias(attention_mask.to(x.device), T, cfg.n_head, x.dtype)  # (B, H, T, S), shared by all layers
+        # (B, H, T, S), shared by all layers
+        bias = None if packed else attention_bias(attention_mask.to(x.device), T, cfg.n_head, x.dtype)
         head_mask = _expand_head_mask(head_mask, cfg.n_layer, x)
 
         all_hidden, all_attn = [], []

@@ -262,7 +262,7 @@ def test_a_failing_step_ends_its_sequences_with_the_error(lm, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(lm, "forward", broken)
+    monkeypatch.setattr(lm.transformer, "forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.step()
     assert seq.finish_reason == "error" and engine.stats()["slots_used"] == 0 and not engine.has_work
