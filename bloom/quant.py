@@ -1,14 +1,15 @@
 """Weight-only int8: `quantize_int8(model)` swaps the transformer's `nn.Linear`s (and, optionally, the
 LM head) for `Int8Linear`s holding int8 weights with one scale per output channel. Activations stay
-in bfloat16; only the weights are rounded. It halves the bytes a decode step reads, for decode-bound
-work and for models whose bf16 weights do not fit.
+in bfloat16; only the weights are rounded. It halves the bytes of those weights, for models whose bf16
+weights do not fit and for decoding a row at a time (on this project's 2-vCPU EPYC: x1.13 at batch 1,
+slower from a few rows on; README, Performance).
 
 On CPU the product is PyTorch's own int8 weight kernel, `aten._weight_int8pack_mm` (the one torchao's
 int8 weight-only mode calls there). Its CPU kernel is vectorised for bfloat16 activations only (float32
 runs ~15x slower), so int8 needs a bfloat16 model. On other devices (CUDA) the weight is converted to
-bfloat16 per call and multiplied by the device's own matmul: the memory saving holds, the speed-up
-does not (each step reads the int8 weight and writes and reads its bf16 copy). PyTorch's CUDA
-`_weight_int8pack_mm`, where a build has one, is a float32-activation kernel; it is not used here.
+bfloat16 in slices per call and multiplied by the device's own matmul: the memory saving holds, the
+speed-up does not (each step reads the int8 weight and writes and reads its bf16 copy); PyTorch's CUDA
+build of the kernel, if any, was not available to check here (no GPU).
 """
 
 from __future__ import annotations
