@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import BloomConfig, write_atomic
-from .packing import PackedLinear
+from .packing import InferenceLinear
 
 logger = logging.getLogger("bloom")
 
@@ -318,9 +318,9 @@ def save_pretrained(model, directory, max_shard_size: int | str = "5GB") -> None
     lm_head is not written. Files are written under temporary names and renamed into place."""
     from safetensors.torch import save_file
 
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
-        raise ValueError("cannot save a model packed for CPU inference (pack_for_cpu() dropped its plain "
-                         "weights); save it before packing, or load the checkpoint again")
+    if any(isinstance(m, InferenceLinear) for m in model.modules()):
+        raise ValueError("cannot save a model packed for CPU inference or quantized (pack_for_cpu() and "
+                         "quantize_int8() drop the plain weights); save it before, or load the checkpoint again")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)

@@ -18,6 +18,7 @@ from .config import BloomConfig
 from .generation import GenerationMixin, KVCache
 from .loading import load_pretrained, save_pretrained
 from .packing import PackedLinear, pack_for_cpu
+from .quant import quantize_int8
 
 # ----------------------------------------------------------------------------- ALiBi and masks
 
@@ -282,6 +283,10 @@ class BloomPreTrainedModel(nn.Module):
     def pack_for_cpu(self) -> int:
         """Inference-only oneDNN-packed Linear weights on CPU; returns how many (`bloom.packing.pack_for_cpu`)."""
         return pack_for_cpu(self)
+
+    def quantize_int8(self, lm_head: bool = True) -> int:
+        """Weight-only int8 Linear weights (bfloat16 models); returns how many (`bloom.quant.quantize_int8`)."""
+        return quantize_int8(self, lm_head)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

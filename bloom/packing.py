@@ -13,15 +13,33 @@ import functools
 import torch
 from torch import nn
 
-class PackedLinear(nn.Module):
+class InferenceLinear(nn.Module):
+    """Base of the inference-only replacements of `nn.Linear` (`PackedLinear`, `bloom.quant.Int8Linear`):
+    their weights are held in a form only their forward reads, the plain weight is dropped, and so the
+    module cannot be trained, moved, converted or saved. Load the checkpoint again for that."""
+
+    def _check_inference(self, x: torch.Tensor) -> None:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{type(self).__name__} is inference-only: the model was {self.made_by}")
+
+    def _apply(self, fn, recurse=True):
+        raise RuntimeError(f"this model's weights were {self.made_by}; load the checkpoint again to move or "
+                           "convert it")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedLinear(InferenceLinear):
     """An inference-only `nn.Linear` for CPU whose weight is held in oneDNN's blocked layout.
 
     PyTorch's CPU `F.linear` is slow at the few-row shapes of decoding: on a 2-vCPU EPYC it reads a
     (250880, 1024) weight at 15-17 GB/s at one row and 6 GB/s (fp32) at eight, against 31-36 GB/s of
     memory bandwidth. Reordered once into oneDNN's layout the same product reads 26-32 GB/s, and
     prefill-sized products are no slower (fp32 faster). bf16 results are bit-identical to F.linear's;
-    fp32 differ in rounding only (a different summation order). The plain weight is dropped, so the
-    module cannot be trained, moved, converted or saved: load the checkpoint again for that."""
+    fp32 differ in rounding only (a different summation order). The plain weight is dropped."""
+
+    made_by = "packed for CPU inference (pack_for_cpu())"
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -31,16 +49,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("PackedLinear is inference-only: the model was packed with pack_for_cpu()")
+        self._check_inference(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-    def _apply(self, fn, recurse=True):
-        raise RuntimeError("this model's weights were packed for CPU inference (pack_for_cpu()); "
-                           "load the checkpoint again to move or convert it")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 @functools.cache

@@ -48,6 +48,8 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--max-errored-rows", "max_errored_rows", int, "fail the job when more rows than this errored"),
     ("--max-errored-fraction", "max_errored_fraction", float, "fail the job past this fraction of errored rows (default 0.1)"),
     ("--dtype", "dtype", str, "fast (default: bfloat16 where the hardware computes it fast, else float32), float32, bfloat16, float16, or auto (the checkpoint's)"),
+    ("--quantize", "quantize", str, "int8: weight-only int8 weights, half the memory of bfloat16 (needs --dtype bfloat16; "
+                                    "faster for batch-1 decoding on CPU, slower for prefill)"),
     ("--device-map", "device_map", str, "spread each replica over its GPUs: auto, balanced, sequential"),
     ("--num-actors", "num_actors", int, "most replicas in the pool (default: what the cluster fits)"),
     ("--min-actors", "min_actors", int, "fewest replicas in the pool (default 1)"),

@@ -15,6 +15,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bloom import resolve_dtype
+from bloom.quant import check_quantize
+
 from .tasks import TASKS
 
 
@@ -59,6 +62,9 @@ class LabelConfig:
     overwrite: bool = False
     # --- resources (not part of the fingerprint) ---
     dtype: str = "fast"  # bfloat16 where the device computes it fast (recent GPUs, AMX/AVX512-BF16 CPUs), else float32
+    # "int8": weight-only int8 transformer and LM-head weights (bloom.quant), half the bytes of bf16; needs
+    # dtype bfloat16. Faster for decoding one or two rows on CPU, slower for prefill and larger batches.
+    quantize: str | None = None
     device_map: str | None = None  # e.g. "auto" to spread a replica over an actor's GPUs
     num_actors: int | None = None  # pool max size; None: as many as the cluster fits
     min_actors: int = 1
@@ -73,7 +79,7 @@ class LabelConfig:
     rows_per_batch: int = 256  # rows handed to an actor at a time
 
     RESOURCE_FIELDS = frozenset({
-        "input", "output", "overwrite", "dtype", "device_map", "num_actors", "min_actors",
+        "input", "output", "overwrite", "dtype", "quantize", "device_map", "num_actors", "min_actors",
         "num_gpus_per_actor", "num_cpus_per_actor", "batch_token_budget", "rows_per_batch",
         "cache_tokens", "prefill_chunk",
         "max_errored_rows", "max_errored_fraction",
@@ -89,6 +95,9 @@ class LabelConfig:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         TASKS[self.task].check_settings(self)  # the task's parameters, within the bounds a request has
+        # "fast" and "auto" resolve when the model loads (on its device); the replica checks them then.
+        check_quantize(self.quantize, resolve_dtype(self.dtype) if self.quantize and self.dtype not in ("fast", "auto")
+                       else None)
         if self.too_long not in ("error", "truncate"):
             raise ValueError(f"too_long must be 'error' or 'truncate', got {self.too_long!r}")
         for name in ("max_input_tokens", "batch_token_budget", "rows_per_batch", "prefill_chunk", "min_actors",

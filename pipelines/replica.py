@@ -120,6 +120,8 @@ class BloomReplica:
         self.model = self.task.model_class(config).from_pretrained(
             model_dir, dtype=config.dtype, device=None if config.device_map else self.device, device_map=config.device_map)
         self.input_device = self.model.get_input_embeddings().weight.device
+        if config.quantize == "int8":  # before packing, which then packs only the Linears left plain
+            self.model.quantize_int8()
         if {str(d) for d in self.model.hf_device_map.values()} == {"cpu"}:
             # CPU inference: oneDNN-packed weights; decode steps 1.3-2.5x faster here (bloom.packing).
             self.model.pack_for_cpu()

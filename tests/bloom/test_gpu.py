@@ -32,3 +32,15 @@ def test_generation_and_the_engine_on_gpu_agree_with_generate_alone(make_checkpo
     seqs = engine.generate(prompts, GenerationParams(max_new_tokens=8))
     assert [s.output_ids for s in seqs] == alone
     assert engine.cache.max_seq_len == 32 and engine.stats()["slots_used"] == 0
+
+
+def test_int8_on_gpu_dequantizes_and_stays_close_to_bf16(make_checkpoint):
+    src = make_checkpoint(std=0.15)
+    plain = bloom.BloomForCausalLM.from_pretrained(src, dtype="bfloat16", device="cuda")
+    quant = bloom.BloomForCausalLM.from_pretrained(src, dtype="bfloat16", device="cuda")
+    assert quant.quantize_int8() == 4 * quant.config.n_layer + 1
+    assert not quant.lm_head.kernel and quant.lm_head.weight.device.type == "cuda"
+    ids, mask = (t.cuda() for t in left_padded([[5, 9, 200, 31, 7], [8, 60]]))
+    with torch.no_grad():
+        got, want = quant(ids, attention_mask=mask).logits.float(), plain(ids, attention_mask=mask).logits.float()
+    assert (got - want)[mask.bool()].abs().max() <= 0.05 * want[mask.bool()].abs().max()

@@ -70,6 +70,18 @@ def test_cpu_replica_packs_its_weights_and_labels_as_the_plain_model(checkpoints
         assert res["generated_text"] == rep.tokenizer.decode(new, skip_special_tokens=True)
 
 
+def test_int8_replica_labels_rows_and_refuses_other_dtypes(checkpoints):
+    rep = replica(checkpoints, "generate", dtype="bfloat16", quantize="int8", max_new_tokens=6)
+    assert isinstance(rep.model.lm_head, bloom.quant.Int8Linear)
+    assert isinstance(rep.model.transformer.h[0].self_attention.query_key_value, bloom.quant.Int8Linear)
+    out = rep(table(corpus_rows(4))).to_pylist()
+    assert all(r["error"] is None and r["completion_tokens"] == 6 and r["generated_text"] for r in out)
+    with pytest.raises(ValueError, match="quantize='int8' needs dtype bfloat16, got float16"):
+        LabelConfig(task="generate", model="m", dtype="float16", quantize="int8")
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        LabelConfig(task="generate", model="m", quantize="int4")
+
+
 def test_generate_with_template_and_stop(checkpoints):
     rows = corpus_rows(4)
     free = replica(checkpoints, "generate", max_new_tokens=12, prompt_template="{lang}: {text} =>")(table(rows))
