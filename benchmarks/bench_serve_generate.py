@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import describe, machine, write_results
+from common import describe, machine, read_results, write_results
 
 ROOT = Path(__file__).resolve().parent
 
@@ -216,7 +216,8 @@ def compare(args, argv: list[str]) -> int:
             # Ray puts its driver's working directory first on its workers' path: run in the code's folder.
             subprocess.run([sys.executable, str(Path(__file__).resolve()), *passed, "--code", str(code), "--out", str(out)],
                            check=True, cwd=code)
-            runs[name].append(json.loads(out.read_text()))
+            (result,) = read_results(out).values()  # the file holds this machine's run only
+            runs[name].append(result)
 
     def figure(result, path):
         for key in path:
