@@ -673,11 +673,10 @@ class Engine:
         """Record the prompt logprobs of the chunks whose sequence asks for them, before num_cached moves on.
         h (N, C): the step's final hidden states; chunk j's n tokens are h[offsets[j] : offsets[j] + n], prompt
         positions c .. c + n - 1 (c = tokens cached before it); position p's logits score prompt token p + 1."""
-        head = None
+        head = self.model.get_output_embeddings()
         for (s, n), o in zip(plan, offsets):
             if s.prompt_logprobs is None:
                 continue
-            head = head or self.model.get_output_embeddings()
             c = s.num_cached
             scored = min(n, len(s.prompt_ids) - 1 - c)  # the last prompt position predicts a new token
             for a in range(0, scored, 64):  # (64, V) fp32 logits at a time, never (N, V)
