@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from pipelines.config import LabelConfig
 from pipelines.replica import BloomReplica
@@ -260,6 +261,47 @@ def test_a_classify_does_not_wait_behind_a_running_ner_batch(server):
         assert finished["classify"] < finished["ner"]
     finally:
         serve.delete("queues")
+
+
+def test_a_client_that_leaves_a_stream_frees_its_slot(server, tmp_path):
+    # A generation that would run 4,000 tokens; the client reads its first chunk and hangs up. The
+    # sequence must end as aborted (not run to its length), and the engine hold nothing after.
+    # The checkpoint's eos embedding is zeroed (its logit is 0, never the greedy argmax of this random
+    # model), so the sequence cannot end on its own first.
+    import shutil
+
+    import bloom
+    from ray import serve
+
+    ckpt = tmp_path / "no-eos"
+    shutil.copytree(server[1]["generate"]["model"], ckpt)
+    model = bloom.BloomForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        model.transformer.word_embeddings.weight[model.config.eos_token_id] = 0
+    model.save_pretrained(ckpt)
+    base = _deploy(server, "leave", {"autoscaling_config": None, "num_replicas": 1,
+                                     "ray_actor_options": {"num_cpus": 0.25}},
+                   args={"max_new_tokens_cap": 4000, "tasks": {"generate": {
+                       "model": str(ckpt), "max_input_tokens": 32, "dtype": "float32"}}})
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def engine():
+        return requests.get(base + "/v1/stats", headers=auth, timeout=10).json()["engine"]
+
+    body = {"prompt": "The quick brown fox", "max_tokens": 4000, "temperature": 0, "stream": True}
+    try:
+        with requests.post(base + "/v1/completions", json=body, headers=auth, stream=True, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept open: a closed iterator would close the connection here
+            assert [next(lines) for _ in range(6)][0].startswith(b"data: {")
+            assert engine()["running"] == 1
+        deadline = time.monotonic() + 30  # the client has gone (the connection is closed)
+        while (stats := engine())["running"] or stats["slots_used"]:
+            assert time.monotonic() < deadline, f"the stream's sequence still runs: {stats}"
+            time.sleep(0.05)
+        assert stats["ended"] == {"abort": 1}
+    finally:
+        serve.delete("leave")
 
 
 def _deploy(server, name, overrides, user_config=None, args=None):
