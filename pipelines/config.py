@@ -131,9 +131,17 @@ class LabelConfig:
         limits it reads with (never another task's parameters, paths or resources)."""
         return TASKS[self.task].content_settings(self)
 
+    def numerics(self) -> dict:
+        """The settings that change the model's numbers, and so its output: dtype (as given: "fast" and
+        "auto" resolve per machine) and quantize. Not parameters of the task, but a resume must keep them,
+        or the output would hold rows of two precisions."""
+        return {"dtype": self.dtype, "quantize": self.quantize}
+
     def fingerprint(self, model_fingerprint: str) -> str:
-        """sha256 of the model's identity and the task parameters: a resumed or appended run must match it."""
-        blob = json.dumps({"model": model_fingerprint, "params": self.task_params()}, sort_keys=True)
+        """sha256 of the model's identity, the task parameters and the numerics: a resumed or appended run
+        must match it."""
+        blob = json.dumps({"model": model_fingerprint, "params": self.task_params(), "numerics": self.numerics()},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -125,7 +125,7 @@ def pool_resources(config: LabelConfig, cluster: dict, node_cpus: list[float]) -
             "num_gpus": 0.0, "threads": max(1, threads)}
 
 
-def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, str]) -> None:
+def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, str], model_id: str) -> None:
     """Refuse to mix runs: an output written with another model, task or parameters (another fingerprint),
     or whose parts give pass-through columns other types (`columns`: name → type), is an error unless
     overwrite is set, which deletes its parts first."""
@@ -146,7 +146,7 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
                              "to delete them")
         elif previous.get("fingerprint") != fingerprint and parts:  # no part written yet: nothing to protect
             raise ValueError(f"output {config.output} was written with another model, task or parameters "
-                             f"(task {previous.get('task')!r}, model {previous.get('model')!r}); rerun with "
+                             f"({_differences(previous, config, model_id)}); rerun with "
                              "--overwrite (overwrite: true in a config) to replace it, or choose another output")
         elif previous.get("columns", columns) != columns and parts:
             changed = {c: (previous["columns"].get(c), t) for c, t in columns.items() if previous["columns"].get(c) != t}
@@ -156,7 +156,26 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(run_path) as f:
         f.write(json.dumps({"fingerprint": fingerprint, "task": config.task, "model": config.model,
-                            "params": config.task_params(), "columns": columns}, indent=2, default=str).encode())
+                            "model_fingerprint": model_id, "params": config.task_params(),
+                            "numerics": config.numerics(), "columns": columns}, indent=2, default=str).encode())
+
+
+def _differences(previous: dict, config: LabelConfig, model_id: str) -> str:
+    """What differs between the run recorded in `previous` (its _run.json) and this one, in words."""
+    if previous.get("task") != config.task:
+        return f"task {previous.get('task')!r} there, {config.task!r} now"
+    out = []
+    if previous.get("model_fingerprint", model_id) != model_id or previous.get("model") != config.model:
+        out.append(f"model {previous.get('model')!r} there, {config.model!r} now"
+                   + (" (other weights)" if previous.get("model") == config.model else ""))
+    for group, now in (("params", config.task_params()), ("numerics", config.numerics())):
+        before = previous.get(group)
+        if before is None:  # a _run.json from before this was recorded
+            continue
+        now = json.loads(json.dumps(now, default=str))  # as stored
+        out += [f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(before) | set(now))
+                if before.get(k) != now.get(k)]
+    return "; ".join(out) or f"task {config.task!r}, model {config.model!r}"
 
 
 def error_problems(errored: int, rows: int, config: LabelConfig) -> list[str]:
@@ -229,9 +248,10 @@ def run_label_job(config: LabelConfig) -> dict:
     passthrough = [c for c in dict.fromkeys([config.id_column, *config.keep_columns]) if c not in text_columns(config)]
     corpus = plan(files, required_columns(config), passthrough)
     rows_in = corpus.rows
-    fingerprint = config.fingerprint(model_fingerprint(config.model))
+    model_id = model_fingerprint(config.model)
+    fingerprint = config.fingerprint(model_id)
     check_output(config.output)
-    _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()})
+    _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()}, model_id)
     state = scan_output(config.output)
     if state.overlaps:
         _repair(config.output, state)

@@ -27,7 +27,8 @@ import torch
 
 import bloom
 from bloom.engine import Engine
-from bloom.loading import missing_heads
+from bloom.loading import missing_heads, resolve_dtype
+from bloom.quant import check_quantize
 
 from .config import LabelConfig
 from .corpus import ENGINE_STEPS
@@ -87,7 +88,9 @@ def pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 def check_model(config: LabelConfig, model_dir: str | Path) -> None:
     """ValueError in one line when the checkpoint lacks the head that config.task needs (checked from the
-    safetensors headers, no weights read)."""
+    safetensors headers, no weights read), or when quantize does not go with its dtype (dtype "auto")."""
+    if config.quantize and config.dtype == "auto":  # the checkpoint's own dtype: known before loading
+        check_quantize(config.quantize, resolve_dtype("auto", bloom.BloomConfig.from_pretrained(model_dir)))
     cls = TASKS[config.task].model_class(config)
     missing = missing_heads(cls, Path(model_dir))
     if missing:

@@ -87,10 +87,21 @@ def test_rerun_labels_nothing_and_other_settings_are_refused(ray_cluster, checkp
     assert again["rows_labeled_this_run"] == 0 and again["rows_out"] == 60
     assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == parts
     other = config(checkpoints, "classify", corpus, tmp_path / "out", threshold=0.9)
-    with pytest.raises(ValueError, match="another model, task or parameters"):
+    with pytest.raises(ValueError, match="another model, task or parameters .*threshold: 0.5 there, 0.9 now"):
         run_label_job(other)
+    # the numerics count too: rows of two precisions would mix in one output
+    with pytest.raises(ValueError, match="dtype: 'fast' there, 'float32' now"):
+        run_label_job(config(checkpoints, "classify", corpus, tmp_path / "out", dtype="float32"))
     other.overwrite = True
     assert run_label_job(other)["rows_labeled_this_run"] == 60
+
+
+def test_int8_with_the_checkpoints_own_float32_dtype_is_refused_before_ray(checkpoints, corpus, tmp_path):
+    from pipelines.label import check_job
+
+    with pytest.raises(ValueError, match="quantize='int8' needs dtype bfloat16, got float32"):
+        check_job(config(checkpoints, "generate", corpus, tmp_path / "out", dtype="auto", quantize="int8"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_without_the_tasks_head_fails_before_writing_anything(ray_cluster, checkpoints, corpus,

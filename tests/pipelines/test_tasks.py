@@ -21,6 +21,11 @@ def test_only_the_tasks_own_settings_enter_the_fingerprint():
     assert LabelConfig(task="generate", max_new_tokens=64).fingerprint(m) != gen
     assert LabelConfig(task="generate", aggregation_strategy="max", stride=8).fingerprint(m) == gen
     assert LabelConfig(task="qa", max_answer_len=5).fingerprint(m) != LabelConfig(task="qa").fingerprint(m)
+    # numerics change the output, resources do not
+    assert LabelConfig(task="ner", dtype="float32").fingerprint(m) != ner
+    assert LabelConfig(task="generate", dtype="bfloat16", quantize="int8").fingerprint(m) != \
+        LabelConfig(task="generate", dtype="bfloat16").fingerprint(m)
+    assert LabelConfig(task="generate", cache_tokens=4096, prefill_chunk=64, rows_per_batch=8).fingerprint(m) == gen
 
 
 @pytest.mark.parametrize("task, bad, message", [
