@@ -104,8 +104,8 @@ class LabelConfig:
                      "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.cache_tokens is not None and self.cache_tokens < 1:
-            raise ValueError(f"cache_tokens must be positive, got {self.cache_tokens!r}")
+        if self.task == "generate":
+            check_cache_tokens(self.cache_tokens, self.max_input_tokens + self.max_new_tokens)
         if self.num_actors is not None and self.num_actors < self.min_actors:
             raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
         if "stride" in TASKS[self.task].settings and not 0 <= self.stride < self.max_input_tokens // 2:
@@ -143,6 +143,14 @@ class LabelConfig:
         blob = json.dumps({"model": model_fingerprint, "params": self.task_params(), "numerics": self.numerics()},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_cache_tokens(cache_tokens: int | None, slot: int) -> None:
+    """ValueError when a given generation cache cannot hold one sequence of `slot` tokens (the longest
+    prompt, max_input_tokens, plus the most new tokens); None (unset) is sized from the batch budget."""
+    if cache_tokens is not None and cache_tokens < slot:
+        raise ValueError(f"cache_tokens {cache_tokens} cannot hold one sequence: a cache slot takes max_input_tokens "
+                         f"+ max_new_tokens = {slot} tokens; give at least {slot} (several slots run rows together)")
 
 
 def known_settings(cls, values: dict) -> dict:

@@ -30,7 +30,7 @@ from bloom.engine import Engine
 from bloom.loading import missing_heads, resolve_dtype
 from bloom.quant import check_quantize
 
-from .config import LabelConfig
+from .config import LabelConfig, check_cache_tokens
 from .corpus import ENGINE_STEPS
 from .tasks import TASKS, Templated
 
@@ -136,8 +136,10 @@ class BloomReplica:
             # One engine per replica: every row or request of this replica joins its running batch. A slot
             # holds the longest prompt plus the most new tokens a request may ask for.
             longest = config.max_input_tokens + max(config.max_new_tokens, max_new_tokens_cap or 0)
-            self.engine = Engine(self.model, self.tokenizer, cache_tokens=max(config.cache_tokens or
-                                 config.batch_token_budget, longest), max_seq_len=longest,
+            check_cache_tokens(config.cache_tokens, longest)
+            # Unset, the cache takes the batch token budget, and at least one slot.
+            self.engine = Engine(self.model, self.tokenizer, cache_tokens=config.cache_tokens or
+                                 max(config.batch_token_budget, longest), max_seq_len=longest,
                                  prefill_chunk=config.prefill_chunk)
         self._label_ids: dict[tuple, list[list[int]]] = {}
         if self.zero_shot:

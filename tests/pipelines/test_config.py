@@ -9,7 +9,7 @@ import pytest
 
 import bloom
 from bloom.tiny import make_tiny_checkpoint
-from pipelines.config import digest_cache_path, file_sha256, model_fingerprint
+from pipelines.config import LabelConfig, digest_cache_path, file_sha256, model_fingerprint
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +67,10 @@ def test_an_unwritable_cache_only_costs_a_rehash(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"abc")
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
+
+
+def test_a_generation_cache_smaller_than_one_sequence_is_refused():
+    with pytest.raises(ValueError, match="cache_tokens 500 cannot hold one sequence: .* = 1056 tokens"):
+        LabelConfig(task="generate", cache_tokens=500, max_input_tokens=1024, max_new_tokens=32)
+    LabelConfig(task="generate", cache_tokens=1056, max_input_tokens=1024, max_new_tokens=32)
+    LabelConfig(task="classify", cache_tokens=500)  # only generation has a cache
