@@ -308,19 +308,24 @@ class Generate(Task):
         token: (logprob, [(id, logprob)] most likely first), or None for a prompt's first token); None
         when there are no entries. `tokens` are the tokens' pieces of the text (a token without one, such
         as the eos, shows its own `token_text`); `top_logprobs` maps the alternatives' `token_text`, and
-        the chosen token's, to their logprobs (so up to n + 1 of them, as OpenAI)."""
+        the chosen token's, to their logprobs (so up to n + 1 of them, as OpenAI). The chosen token is
+        keyed by its entry in `tokens`, so `top_logprobs[k][tokens[k]]` is always its logprob (a piece of
+        text may differ from the token's own text where a character spans tokens)."""
         if entries is None:
             return None
         tokens, top = [], []
         for k in range(a, b):
-            tokens.append(texts.pieces[k] or token_text(replica.tokenizer, texts.ids[k]))
+            chosen = texts.ids[k]
+            tokens.append(texts.pieces[k] or token_text(replica.tokenizer, chosen))
             if entries[k] is None:
                 top.append(None)
                 continue
-            alternatives: dict[str, float] = {}
-            for token, lp in [*entries[k][1], (texts.ids[k], entries[k][0])]:
-                alternatives.setdefault(token_text(replica.tokenizer, token), lp)  # the chosen may be among them
-            top.append(alternatives)
+            alternatives: dict[str, float] = {tokens[-1]: entries[k][0]}
+            for token, lp in entries[k][1]:
+                if token != chosen:
+                    alternatives.setdefault(token_text(replica.tokenizer, token), lp)
+            # most likely first, as the alternatives come
+            top.append(dict(sorted(alternatives.items(), key=lambda item: -item[1])))
         return {"tokens": tokens, "token_logprobs": [None if e is None else e[0] for e in entries[a:b]],
                 "top_logprobs": top, "text_offset": texts.offsets[a:b]}
 

@@ -158,6 +158,11 @@ def test_openai_client_n_logprobs_and_echo_streamed_and_not(server):
     sampled = dict(model="generate", prompt=prompts[0], max_tokens=8, temperature=1.0, n=3, seed=7)
     first = [c.text for c in client.completions.create(**sampled).choices]
     assert len(set(first)) == 3 and [c.text for c in client.completions.create(**sampled).choices] == first
+    # Each token's text is a key of its top_logprobs, also for pieces of a multi-byte character.
+    varied = client.completions.create(model="generate", prompt=[prompts[0], "Hello there"], max_tokens=24, n=3,
+                                       logprobs=2, temperature=0.8, seed=1)
+    for c in varied.choices:
+        assert all(t in top for t, top in zip(c.logprobs.tokens, c.logprobs.top_logprobs)), c.logprobs
     # echo with max_tokens 0 scores the prompt without generating.
     scored = client.completions.create(model="generate", prompt=prompts[1], max_tokens=0, echo=True, logprobs=0)
     assert scored.choices[0].text == prompts[1] and scored.usage.completion_tokens == 0
