@@ -5,11 +5,12 @@
 
 Joins the cluster in RAY_ADDRESS if set, else starts local Ray. Demo checkpoints named in the config
 (demo/tiny-bloom-<task>) are built first if absent. `serve run serve_config.yaml` does the same for
-configs that name existing checkpoints. Ctrl-C (SIGINT) stops the endpoint, its replicas and the
-local Ray cleanly.
+configs that name existing checkpoints. Ctrl-C (SIGINT) or SIGTERM stops the endpoint, its replicas
+and the local Ray cleanly, also when started in the background.
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     from pipelines.serve import app_from_config
 
     init_ray()
+    # SIGINT and SIGTERM both stop it cleanly: a shell starts a background job with SIGINT ignored, and
+    # `docker stop` / Kubernetes send SIGTERM (which Ray's own handler would answer with a stack dump).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     app, name, prefix, http = app_from_config(config)
     http = {**http, **({"host": args.host} if args.host else {}), **({"port": args.port} if args.port else {})}
     serve.start(http_options=http, logging_config=config.get("logging_config"))  # Serve's own actors' logs
@@ -51,6 +56,10 @@ def main(argv=None) -> int:
         serve.shutdown()
         print("stopped", flush=True)
     return 0
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
