@@ -31,7 +31,7 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--max-new-tokens", "max_new_tokens", int, "generate: tokens to generate per row (default 32)"),
     ("--temperature", "temperature", float, "generate: sampling temperature (with --sample)"),
     ("--top-p", "top_p", float, "generate: nucleus sampling mass (with --sample)"),
-    ("--top-k", "top_k", int, "generate: sample among the k likeliest tokens (0: off)"),
+    ("--top-k", "top_k", int, "generate: sample among the k likeliest tokens (0: off; with --sample)"),
     ("--repetition-penalty", "repetition_penalty", float, "generate: > 1 makes tokens already in the text less likely (default 1: off)"),
     ("--seed", "seed", int, "generate: sampling seed (each row's seed derives from it and the prompt)"),
     ("--stop", "stop", "list", "generate: a stop string (repeatable); the text ends before it"),

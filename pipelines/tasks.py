@@ -224,9 +224,15 @@ class Generate(Task):
     fields = [("generated_text", pa.string()), ("finish_reason", pa.string()),
               ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]
     settings = ("text_column", "prompt_template")
+    SAMPLING = ("temperature", "top_k", "top_p", "seed")  # used only when do_sample
 
     def model_class(self, c):
         return bloom.BloomForCausalLM
+
+    def content_settings(self, c):
+        # Greedy decoding reads no sampling setting: leaving them out lets a greedy rerun differ in them.
+        out = super().content_settings(c)
+        return out if c.do_sample else {k: v for k, v in out.items() if k not in self.SAMPLING}
 
     def input_columns(self, c):
         return template_fields(c.prompt_template) if c.prompt_template else [c.text_column]

@@ -26,6 +26,10 @@ def test_only_the_tasks_own_settings_enter_the_fingerprint():
     assert LabelConfig(task="generate", dtype="bfloat16", quantize="int8").fingerprint(m) != \
         LabelConfig(task="generate", dtype="bfloat16").fingerprint(m)
     assert LabelConfig(task="generate", cache_tokens=4096, prefill_chunk=64, rows_per_batch=8).fingerprint(m) == gen
+    # greedy decoding reads no sampling setting; sampling does
+    assert LabelConfig(task="generate", temperature=0.7, top_k=5, seed=3).fingerprint(m) == gen
+    sampled = LabelConfig(task="generate", do_sample=True).fingerprint(m)
+    assert sampled != gen and LabelConfig(task="generate", do_sample=True, temperature=0.7).fingerprint(m) != sampled
 
 
 @pytest.mark.parametrize("task, bad, message", [
