@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -217,20 +218,42 @@ def check_job(config: LabelConfig) -> LabelConfig:
 
 class Progress:
     """A progress line on stderr every `every` seconds (a terminal, a pseudo-terminal or a log alike):
-    rows labeled of the rows to label, rows/s and the time left at that rate."""
+    rows labeled of the rows to label, rows/s and the time left at that rate. Used as a context manager
+    it also speaks while no part has been written yet (a model loading, a long first batch)."""
 
     def __init__(self, total: int, every: float = 5.0):
         self.total, self.every, self.start = total, every, time.time()
-        self.last, self.shown = self.start, None
+        self.last, self.shown, self.done = self.start, None, 0
+        self._stop, self._lock = threading.Event(), threading.Lock()  # the ticker and the caller both print
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Progress":
+        def tick():
+            while not self._stop.wait(self.every):
+                if time.time() - self.last >= self.every:
+                    self._print(self.done)
+        self._thread = threading.Thread(target=tick, name="bloomline-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.show(self.done, last=True)
 
     def show(self, done: int, last: bool = False) -> None:
-        now = time.time()
-        if (not last and now - self.last < self.every) or done == self.shown:
+        self.done = done
+        if (not last and time.time() - self.last < self.every) or done == self.shown:
             return
-        self.last, self.shown, rate = now, done, done / max(now - self.start, 1e-9)
-        eta = f", {(self.total - done) / rate:,.0f} s left" if rate and done < self.total else ""
-        print(f"labeled {done:,} of {self.total:,} rows ({done / max(self.total, 1):.0%}), {rate:,.1f} rows/s{eta}",
-              file=sys.stderr, flush=True)
+        self._print(done)
+
+    def _print(self, done: int) -> None:
+        with self._lock:
+            now = time.time()
+            self.last, self.shown, rate = now, done, done / max(now - self.start, 1e-9)
+            eta = f", {(self.total - done) / rate:,.0f} s left" if rate and done < self.total else ""
+            print(f"labeled {done:,} of {self.total:,} rows ({done / max(self.total, 1):.0%}), {rate:,.1f} rows/s{eta}",
+                  file=sys.stderr, flush=True)
 
 
 def run_label_job(config: LabelConfig) -> dict:
@@ -276,16 +299,15 @@ def run_label_job(config: LabelConfig) -> dict:
             num_gpus=pool["num_gpus"])  # Ray Data restarts dead actors and retries their batches by default
         ds = ds.map_batches(write_part, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"output": config.output, "id_column": config.id_column})
-        progress = Progress(sum(u["num_rows"] - sum(b - a for a, b in json.loads(u["done"])) for u in todo))
-        for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            run_rows += pc.sum(summary.column("rows")).as_py() or 0
-            run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
-            generated += pc.sum(summary.column("generated_tokens")).as_py() or 0
-            steps += pc.sum(summary.column("engine_steps")).as_py() or 0
-            for reasons in summary.column("reasons").to_pylist():
-                merge_reasons(errors, json.loads(reasons))
-            progress.show(run_rows)
-        progress.show(run_rows, last=True)
+        with Progress(sum(u["num_rows"] - sum(b - a for a, b in json.loads(u["done"])) for u in todo)) as progress:
+            for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                run_rows += pc.sum(summary.column("rows")).as_py() or 0
+                run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
+                generated += pc.sum(summary.column("generated_tokens")).as_py() or 0
+                steps += pc.sum(summary.column("engine_steps")).as_py() or 0
+                for reasons in summary.column("reasons").to_pylist():
+                    merge_reasons(errors, json.loads(reasons))
+                progress.show(run_rows)
 
     # Exactly-once from the listing: each part's keys were checked where it was written.
     state = scan_output(config.output)

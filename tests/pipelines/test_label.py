@@ -217,6 +217,11 @@ def test_progress_line_counts_rows_rate_and_time_left(capsys):
     assert line.startswith("labeled 250 of 1,000 rows (25%), 25.0 rows/s, 30 s left"), line
     progress.show(1000, last=True)
     assert "labeled 1,000 of 1,000 rows (100%)" in capsys.readouterr().err
+    # Before the first part is written (a model loading, a long first batch) it still speaks.
+    with Progress(total=500, every=0.05):
+        time.sleep(0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 3 and all(line.startswith("labeled 0 of 500 rows (0%)") for line in lines), lines
 
 
 def test_too_many_errors_fail_the_job_loudly_but_keep_the_rows(ray_cluster, checkpoints, tmp_path):
