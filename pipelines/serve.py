@@ -135,9 +135,13 @@ async def _api_error(request: Request, e: ApiError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
-    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-    return JSONResponse({"error": {"message": message.get(e.status_code, str(e.detail)), "code": e.status_code}},
-                        status_code=e.status_code, headers=getattr(e, "headers", None))
+    status, path = e.status_code, request.url.path
+    *_, parent, last = ["", "", *path.rstrip("/").split("/")]
+    if status == 405 and parent == "v1" and last not in (*TASKS, "completions", "models", "stats"):
+        status = 404  # only POST /v1/{task} matched the path, and there is no such task
+    message = {404: f"no route {path}", 405: f"{request.method} is not allowed on {path}"}
+    return JSONResponse({"error": {"message": message.get(status, str(e.detail)), "code": status}},
+                        status_code=status, headers=getattr(e, "headers", None) if status == e.status_code else None)
 
 
 @app.exception_handler(RequestValidationError)

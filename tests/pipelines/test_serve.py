@@ -218,6 +218,8 @@ def test_every_error_has_one_shape(server, route, body, status, message):
     assert answer.json()["error"]["code"] == status and message in answer.json()["error"]["message"]
     wrong_method = requests.get(server[0] + "/v1/classify", timeout=10)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == 405
+    unknown = requests.get(server[0] + "/v1/nope", timeout=10)  # no such route, whatever the method
+    assert unknown.status_code == 404 and unknown.json()["error"] == {"message": "no route /v1/nope", "code": 404}
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])
