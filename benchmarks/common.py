@@ -66,6 +66,8 @@ def read_results(path: Path) -> dict[str, dict]:
     if "machines" in data:
         return data["machines"]
     info = data.get("machine", {})
+    if not isinstance(info, dict):  # some older files named their machine in words
+        info = {"described": info}
     if "cpu" not in info:
         info = {**LEGACY_MACHINE, **info}
         data["machine"] = info
