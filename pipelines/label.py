@@ -256,6 +256,24 @@ class Progress:
                   file=sys.stderr, flush=True)
 
 
+EARLIER_RUNS = 30  # runs a report keeps of those before it
+
+
+def _earlier_runs(fs, path: str) -> list[dict]:
+    """The report already at `path`, without its own history, then its history: newest first, at most
+    EARLIER_RUNS. So a rerun that labels nothing (a nightly night with nothing new) does not erase the
+    figures of the run that did the work. A missing or unreadable report gives []."""
+    try:
+        with fs.open_input_stream(path) as f:
+            before = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return []
+    if not isinstance(before, dict):
+        return []
+    history = before.pop("earlier_runs", [])
+    return [before, *(history if isinstance(history, list) else [])][:EARLIER_RUNS]
+
+
 def run_label_job(config: LabelConfig) -> dict:
     """Label config.input into config.output on the Ray cluster this process is connected to.
 
@@ -335,6 +353,7 @@ def run_label_job(config: LabelConfig) -> dict:
     if problems:
         report["status"], report["problems"] = "failed", problems
     fs, root = filesystem(config.output)
+    report["earlier_runs"] = _earlier_runs(fs, f"{root}/{REPORT_FILE}")
     with fs.open_output_stream(f"{root}/{REPORT_FILE}") as f:
         f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
     if problems:

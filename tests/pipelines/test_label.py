@@ -85,6 +85,11 @@ def test_rerun_labels_nothing_and_other_settings_are_refused(ray_cluster, checkp
     parts = sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet"))
     again = run_label_job(cfg)
     assert again["rows_labeled_this_run"] == 0 and again["rows_out"] == 60
+    # the run that did the work keeps its figures in the report, under earlier_runs
+    kept = json.loads((tmp_path / "out" / "_report.json").read_text())
+    assert kept["rows_labeled_this_run"] == 0
+    assert [r["rows_labeled_this_run"] for r in kept["earlier_runs"]] == [60]
+    assert "earlier_runs" not in kept["earlier_runs"][0]
     assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == parts
     other = config(checkpoints, "classify", corpus, tmp_path / "out", threshold=0.9)
     with pytest.raises(ValueError, match="another model, task or parameters .*threshold: 0.5 there, 0.9 now"):
@@ -416,3 +421,19 @@ def test_every_setting_has_a_flag():
     assert config.max_text_chars == 500 and config.label_prefix == ": "
     flagged = {dest for _, dest, _, _ in script.FLAGS} | {"task", "do_sample", "overwrite"}
     assert {f.name for f in dataclasses.fields(LabelConfig)} - flagged == set()
+
+
+def test_a_report_keeps_the_earlier_runs_newest_first_and_at_most_thirty(tmp_path):
+    from pyarrow import fs as pafs
+
+    from pipelines.label import EARLIER_RUNS, _earlier_runs
+
+    local, path = pafs.LocalFileSystem(), str(tmp_path / "_report.json")
+    assert _earlier_runs(local, path) == []  # the first run
+    history = [{"run": i} for i in range(1, 41)]
+    (tmp_path / "_report.json").write_text(json.dumps({"run": 0, "earlier_runs": history}))
+    kept = _earlier_runs(local, path)
+    assert len(kept) == EARLIER_RUNS == 30
+    assert [r["run"] for r in kept] == list(range(30))
+    (tmp_path / "_report.json").write_text('{"run": ')  # cut short: a crash mid-write on a store without rename
+    assert _earlier_runs(local, path) == []
