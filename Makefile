@@ -45,7 +45,7 @@ bench: install
 	$(PY) benchmarks/bench_quant.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_pipeline.py
-	$(PY) benchmarks/bench_pipeline.py --hidden 1024 --layers 12 --rows 400 --out benchmarks/results/bench_pipeline_1024x12.json
+	$(PY) benchmarks/bench_pipeline.py --hidden 1024 --layers 12 --rows 1200 --fixed-timed-rows 400 --out benchmarks/results/bench_pipeline_1024x12.json
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_serve_generate.py --baseline 52de9e6
 	$(PY) benchmarks/bench_engine.py

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench_model import SHAPES, timed
-from common import describe, machine, write_results
+from common import bench_main, describe, machine
 
 ROOT = Path(__file__).resolve().parent
 GROUP = 128  # int4 group size along the input
@@ -95,17 +95,14 @@ def print_results(results: dict) -> None:
         print(f"  {name:<12}" + "".join(f"{cells[n]['ms']:>10.1f} ms (x{cells[n]['vs_bf16']:.2f})" for n in rows))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_kernels.json")
-    args = p.parse_args(argv)
-    results = run(args)
-    print_results(results)
-    write_results(results, args.out)
-    return 0
+
+
+def main(argv=None) -> int:
+    return bench_main(argv, __doc__, ROOT / "results" / "bench_kernels.json", arguments, run, print_results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench_model import checkpoint, memory_bandwidth, timed
-from common import describe, machine, write_results
+from common import bench_main, describe, machine
 
 import torch
 
@@ -81,18 +81,15 @@ def print_results(results: dict) -> None:
               f"{r['same_tokens_as_bf16_b1']}, {r['same_tokens_as_bf16_b8']}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=["560m", "tiny"], default="560m")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=33)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_quant.json")
-    args = p.parse_args(argv)
-    results = run(args)
-    print_results(results)
-    write_results(results, args.out)
-    return 0
+
+
+def main(argv=None) -> int:
+    return bench_main(argv, __doc__, ROOT / "results" / "bench_quant.json", arguments, run, print_results)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ a run on another family adds to the file instead of overwriting the first family
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -83,3 +84,16 @@ def write_results(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machines": machines}, indent=2, default=str) + "\n")
     print(f"wrote {out} ({len(machines)} machine{'s' * (len(machines) > 1)}: {', '.join(machines)})")
+
+
+def bench_main(argv, doc: str, out: Path, add_arguments, run, show) -> int:
+    """The main of a benchmark that runs once, prints its figures and stores them: its own arguments
+    (`add_arguments(parser)`), then `--out` (default `out`), `results = run(args)`, `show(results)`."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--out", type=Path, default=out)
+    args = p.parse_args(argv)
+    results = run(args)
+    show(results)
+    write_results(results, args.out)
+    return 0
