@@ -26,6 +26,8 @@ benchmarks/bench_engine.py, where slots are faster than it.
 Knobs (constructor arguments):
   cache_tokens   the KV cache budget in tokens (memory: 2 · n_layer · cache_tokens · hidden_size · dtype
                  bytes); with max_seq_len it sets how many sequences run at once (the decode batch).
+                 `fit_cache_tokens` sizes it for 16 sequences within half the free memory (the labeling
+                 job's and the endpoint's default).
   max_seq_len    the most tokens one sequence may hold, prompt + max_new_tokens (a slot's size).
   prefill_chunk  prompt tokens per step (default 256): smaller keeps the running streams' time per
                  token steadier while prompts arrive, larger prefills faster.
@@ -52,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -76,6 +79,39 @@ from .model import attention, attention_bias
 logger = logging.getLogger("bloom")
 
 # ----------------------------------------------------------------------------- the KV cache
+
+
+DEFAULT_SLOTS = 16  # sequences a cache holds by default (see fit_cache_tokens)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: the driver's free memory on CUDA; on CPU the
+    kernel's MemAvailable (free memory plus what it can reclaim), else the free pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fit_cache_tokens(model, max_seq_len: int, slots: int = DEFAULT_SLOTS, memory_share: float = 0.5,
+                     free=free_memory) -> int:
+    """A KV cache size for `slots` sequences of `max_seq_len` tokens, or fewer where that would take more
+    than `memory_share` of what is free on a device holding layers (each device holds the cache of its
+    own layers); at least one sequence. Call after loading the model, so that its weights are counted."""
+    layers: dict[torch.device, int] = {}
+    for block in model.transformer.h:
+        w = block.input_layernorm.weight
+        layers[w.device] = layers.get(w.device, 0) + 1
+    cfg, elem = model.config, model.transformer.h[0].input_layernorm.weight.element_size()
+    per_token = {d: 2 * n * cfg.hidden_size * elem for d, n in layers.items()}  # keys and values, its layers
+    room = min(int(memory_share * free(d)) // b for d, b in per_token.items())
+    return max(1, min(slots, room // max_seq_len)) * max_seq_len
 
 
 class SlotKVCache:
@@ -105,6 +141,10 @@ class SlotKVCache:
     def capacity(self) -> int:
         """Tokens the cache holds in all."""
         return self.num_slots * self.max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     @property
     def free_slots(self) -> int:

@@ -57,7 +57,7 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--cpus-per-actor", "num_cpus_per_actor", float, "CPUs per replica (default: from the cluster, one CPU left free)"),
     ("--batch-token-budget", "batch_token_budget", int, "padded tokens per forward pass (default 8192)"),
     ("--cache-tokens", "cache_tokens", int, "generate: the engine's KV cache in tokens, in slots of max input + max new "
-                                            "tokens (default: --batch-token-budget)"),
+                                            "tokens (default: 16 slots, fewer if over half the free memory)"),
     ("--prefill-chunk", "prefill_chunk", int, "generate: prompt tokens the engine prefills per step (default 256)"),
     ("--rows-per-batch", "rows_per_batch", int, "rows handed to a replica at a time (default 256)"),
 ]

@@ -72,8 +72,9 @@ class LabelConfig:
     num_cpus_per_actor: float | None = None  # None: 1 with GPUs; CPU-only: the cluster's CPUs minus one, split
     batch_token_budget: int = 8192  # padded tokens per forward
     # generate runs on a continuous-batching engine (bloom.engine): its KV cache, allocated once, holds
-    # cache_tokens tokens (None: batch_token_budget) in slots of max_input_tokens + max_new_tokens each;
-    # new prompts are prefilled prefill_chunk tokens per step.
+    # cache_tokens tokens in slots of max_input_tokens + max_new_tokens each (None: 16 slots, or fewer
+    # where they would take over half the memory left after loading the model); new prompts are
+    # prefilled prefill_chunk tokens per step.
     cache_tokens: int | None = None
     prefill_chunk: int = 256
     rows_per_batch: int = 256  # rows handed to an actor at a time

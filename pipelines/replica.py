@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 import bloom
-from bloom.engine import Engine
+from bloom.engine import Engine, fit_cache_tokens
 from bloom.loading import missing_heads, resolve_dtype
 from bloom.quant import check_quantize
 
@@ -137,10 +137,13 @@ class BloomReplica:
             # holds the longest prompt plus the most new tokens a request may ask for.
             longest = config.max_input_tokens + max(config.max_new_tokens, max_new_tokens_cap or 0)
             check_cache_tokens(config.cache_tokens, longest)
-            # Unset, the cache takes the batch token budget, and at least one slot.
-            self.engine = Engine(self.model, self.tokenizer, cache_tokens=config.cache_tokens or
-                                 max(config.batch_token_budget, longest), max_seq_len=longest,
+            # Unset, the cache holds 16 sequences, or fewer where they would take over half the memory
+            # left after loading the model (at least one).
+            cache_tokens = config.cache_tokens or fit_cache_tokens(self.model, longest)
+            self.engine = Engine(self.model, self.tokenizer, cache_tokens=cache_tokens, max_seq_len=longest,
                                  prefill_chunk=config.prefill_chunk)
+            logger.info("generation cache: %d sequences of %d tokens (%.2f GB)", self.engine.cache.num_slots,
+                        longest, self.engine.cache.nbytes / 1e9)
         self._label_ids: dict[tuple, list[list[int]]] = {}
         if self.zero_shot:
             self.candidate_label_ids(config)  # fail now on labels without tokens

@@ -440,3 +440,17 @@ def test_a_prompt_can_be_scored_without_generating(lm):
     assert [(s.finish_reason, s.output_ids) for s in group] == [("length", []), ("length", [])]
     assert group[1].prompt_logprobs == group[0].prompt_logprobs and len(group[0].prompt_logprobs) == len(prompt)
     assert engine.stats()["slots_used"] == 0
+
+
+def test_the_default_cache_fits_sixteen_sequences_in_half_the_free_memory(lm):
+    from bloom.engine import fit_cache_tokens, free_memory
+
+    cfg = lm.config
+    per_token = 2 * cfg.n_layer * cfg.hidden_size * 4  # keys and values of every layer, float32
+    assert fit_cache_tokens(lm, 100, free=lambda device: 10**12) == 16 * 100
+    # half of what is free holds 3.5 sequences: 3 slots
+    assert fit_cache_tokens(lm, 100, free=lambda device: 2 * 350 * per_token) == 3 * 100
+    assert fit_cache_tokens(lm, 100, free=lambda device: 0) == 100  # always one
+    assert free_memory(torch.device("cpu")) > 0
+    engine = Engine(lm, cache_tokens=fit_cache_tokens(lm, 64), max_seq_len=64)
+    assert engine.cache.num_slots == 16 and engine.cache.nbytes == 16 * 64 * per_token

@@ -61,6 +61,13 @@ def test_generate_equals_model_generate_row_by_row(checkpoints):
         assert res["id"] == row["id"] and res["error"] is None
 
 
+def test_the_generation_cache_holds_sixteen_sequences_by_default(checkpoints):
+    # Before, the default was the batch token budget: 8192 // (1024 + 6) = 7 sequences at a time.
+    rep = replica(checkpoints, "generate", max_new_tokens=6)
+    assert rep.engine.cache.num_slots == 16 and rep.engine.cache.max_seq_len == 1024 + 6
+    assert replica(checkpoints, "generate", max_new_tokens=6, cache_tokens=3000).engine.cache.num_slots == 2
+
+
 def test_cpu_replica_packs_its_weights_and_labels_as_the_plain_model(checkpoints):
     rep = replica(checkpoints, "generate", max_new_tokens=6)
     assert isinstance(rep.model.lm_head, bloom.packing.PackedLinear)
