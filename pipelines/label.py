@@ -216,6 +216,23 @@ def check_job(config: LabelConfig) -> LabelConfig:
     return check_checkpoint(config)
 
 
+def check_cache_fits(config: LabelConfig, node_memory: list[float]) -> None:
+    """ValueError when one generated sequence's KV cache (max_input_tokens + max_new_tokens tokens, every
+    layer's keys and values, 2 bytes an element at the least) is larger than the memory Ray gives the
+    largest node: no actor could hold a single cache slot. Run before anything is written. It catches
+    impossible settings only: a GPU actor's cache must fit the GPU's memory, which Ray does not report."""
+    if config.task != "generate" or not node_memory:
+        return
+    cfg = bloom.BloomConfig.from_pretrained(config.model)
+    tokens = config.max_input_tokens + config.max_new_tokens
+    need = tokens * 2 * cfg.n_layer * cfg.hidden_size * 2
+    if need > max(node_memory):
+        raise ValueError(
+            f"max_input_tokens + max_new_tokens = {tokens:,} tokens: one sequence's KV cache would take "
+            f"{need / 1e9:,.1f} GB ({cfg.n_layer} layers x {cfg.hidden_size} wide, bf16), more than the "
+            f"largest node's {max(node_memory) / 1e9:,.1f} GB of memory; lower max_new_tokens")
+
+
 class Progress:
     """A progress line on stderr every `every` seconds (a terminal, a pseudo-terminal or a log alike):
     rows labeled of the rows to label, rows/s and the time left at that rate. Used as a context manager
@@ -285,6 +302,7 @@ def run_label_job(config: LabelConfig) -> dict:
 
     start = time.time()
     config = check_job(config)
+    check_cache_fits(config, [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")])
     files = list_input_files(config.input)
     passthrough = [c for c in dict.fromkeys([config.id_column, *config.keep_columns]) if c not in text_columns(config)]
     corpus = plan(files, required_columns(config), passthrough)

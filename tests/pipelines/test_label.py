@@ -437,3 +437,15 @@ def test_a_report_keeps_the_earlier_runs_newest_first_and_at_most_thirty(tmp_pat
     assert [r["run"] for r in kept] == list(range(30))
     (tmp_path / "_report.json").write_text('{"run": ')  # cut short: a crash mid-write on a store without rename
     assert _earlier_runs(local, path) == []
+
+
+def test_a_cache_slot_larger_than_any_node_is_refused_before_anything_is_written(ray_cluster, checkpoints, corpus,
+                                                                                   tmp_path):
+    import ray
+
+    cfg = bloom.BloomConfig.from_pretrained(checkpoints["generate"])
+    largest = max(n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive"))
+    too_many = int(largest // (4 * cfg.n_layer * cfg.hidden_size)) + 1  # bf16 keys and values, every layer
+    with pytest.raises(ValueError, match=r"one sequence's KV cache would take .* GB .* lower max_new_tokens"):
+        run_label_job(config(checkpoints, "generate", corpus, tmp_path / "out", max_new_tokens=too_many))
+    assert not (tmp_path / "out").exists()
