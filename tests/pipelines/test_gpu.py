@@ -25,6 +25,20 @@ def test_replica_on_gpu_labels_as_on_cpu(checkpoints):
             assert a.get("generated_text") == b.get("generated_text")
 
 
+def test_the_gpu_replica_sizes_its_cache_against_the_gpus_free_memory(checkpoints):
+    from bloom.engine import fit_cache_tokens, free_memory
+
+    config = LabelConfig(task="generate", model=str(checkpoints["generate"]), dtype="float32", max_new_tokens=6)
+    rep = BloomReplica(config, device="cuda")
+    cache = rep.engine.cache
+    assert cache.keys[0].device.type == "cuda" and cache.num_slots == 16  # a tiny model: 16 fit easily
+    # no more than half of what was free before the cache was allocated
+    assert cache.nbytes <= 0.5 * (free_memory(torch.device("cuda")) + cache.nbytes)
+    # Where half the GPU's free memory holds fewer than 16, fewer are taken.
+    per_slot = cache.nbytes // cache.num_slots
+    assert fit_cache_tokens(rep.model, cache.max_seq_len, free=lambda d: 2 * 3 * per_slot) == 3 * cache.max_seq_len
+
+
 def test_a_one_gpu_actor_pool_labels_the_corpus(ray_cluster, checkpoints, corpus, tmp_path):
     import ray
 
