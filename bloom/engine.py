@@ -99,6 +99,11 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def kv_bytes_per_token(config, element_size: int, n_layer: int | None = None) -> int:
+    """Bytes of one token's keys and values over `n_layer` layers (default: all of the model's)."""
+    return 2 * (config.n_layer if n_layer is None else n_layer) * config.hidden_size * element_size
+
+
 def fit_cache_tokens(model, max_seq_len: int, slots: int = DEFAULT_SLOTS, memory_share: float = 0.5,
                      free=free_memory) -> int:
     """A KV cache size for `slots` sequences of `max_seq_len` tokens, or fewer where that would take more
@@ -108,8 +113,8 @@ def fit_cache_tokens(model, max_seq_len: int, slots: int = DEFAULT_SLOTS, memory
     for block in model.transformer.h:
         w = block.input_layernorm.weight
         layers[w.device] = layers.get(w.device, 0) + 1
-    cfg, elem = model.config, model.transformer.h[0].input_layernorm.weight.element_size()
-    per_token = {d: 2 * n * cfg.hidden_size * elem for d, n in layers.items()}  # keys and values, its layers
+    elem = model.transformer.h[0].input_layernorm.weight.element_size()
+    per_token = {d: kv_bytes_per_token(model.config, elem, n) for d, n in layers.items()}
     room = min(int(memory_share * free(d)) // b for d, b in per_token.items())
     return max(1, min(slots, room // max_seq_len)) * max_seq_len
 

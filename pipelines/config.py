@@ -148,7 +148,7 @@ class LabelConfig:
 
 def check_cache_tokens(cache_tokens: int | None, slot: int) -> None:
     """ValueError when a given generation cache cannot hold one sequence of `slot` tokens (the longest
-    prompt, max_input_tokens, plus the most new tokens); None (unset) is sized from the batch budget."""
+    prompt, max_input_tokens, plus the most new tokens); None (unset) is sized by the replica from memory."""
     if cache_tokens is not None and cache_tokens < slot:
         raise ValueError(f"cache_tokens {cache_tokens} cannot hold one sequence: a cache slot takes max_input_tokens "
                          f"+ max_new_tokens = {slot} tokens; give at least {slot} (several slots run rows together)")

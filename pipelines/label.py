@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 import bloom
+from bloom.engine import kv_bytes_per_token
 
 from .config import LabelConfig, model_fingerprint
 from .corpus import (check_output, delete_files, filesystem, list_input_files, list_parts, merge_reasons, pending,
@@ -225,7 +226,7 @@ def check_cache_fits(config: LabelConfig, node_memory: list[float]) -> None:
         return
     cfg = bloom.BloomConfig.from_pretrained(config.model)
     tokens = config.max_input_tokens + config.max_new_tokens
-    need = tokens * 2 * cfg.n_layer * cfg.hidden_size * 2
+    need = tokens * kv_bytes_per_token(cfg, element_size=2)
     if need > max(node_memory):
         raise ValueError(
             f"max_input_tokens + max_new_tokens = {tokens:,} tokens: one sequence's KV cache would take "
