@@ -105,9 +105,9 @@ class Engine:
             raise ValueError(
                 f"a prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} = {need} tokens can never "
                 f"fit the engine's KV cache slots of {self.cache.max_seq_len} tokens (max_seq_len)")
-        sampling, seen = sampling_state(params, prompt, cfg.vocab_size, self.device)
+        sampling = sampling_state(params, prompt, cfg.vocab_size, self.device)
         stop = StopStrings(params.stop_strings, self.tokenizer)
-        return Sequence(prompt, params, sampling, stop, eos_ids(cfg, params.eos_token_id), seen, on_token)
+        return Sequence(prompt, params, sampling, stop, eos_ids(cfg, params.eos_token_id), on_token)
 
     def _enqueue(self, seqs: list[Sequence]) -> None:
         with self._wake:
@@ -299,7 +299,8 @@ class Engine:
             if lp is not None:  # recorded before the token is emitted
                 s.logprobs.append(lp)
         for s, token in zip(rows, tokens):
-            reason = finish_reason(token, len(s.output_ids) + 1, s.params.max_new_tokens, s.eos, s.stop)
+            reason = finish_reason(token, len(s.output_ids) + 1, s.params.max_new_tokens, s.eos, s.stop,
+                                   s.params.min_tokens)
             try:
                 s._emit(token, reason)
             except Exception as exc:  # a failing callback ends its own sequence, not the batch

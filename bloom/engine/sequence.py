@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -15,6 +16,22 @@ from ..generation import SamplingParams, StopStrings
 from .params import GenerationParams
 
 logger = logging.getLogger("bloom")
+
+@dataclass
+class SamplingState:
+    """What the sampler keeps for one sequence (built by `bloom.engine.sampler.sampling_state`).
+
+    row: its settings as a one-row SamplingParams, with its own generator; seen: (V,) bool, the prompt's
+    and generated tokens, for the repetition penalty (else None); counts: (V,) fp32, how often each token
+    was generated, for the frequency and presence penalties (else None); bias_ids, bias_values: (K,) its
+    logit_bias (else None)."""
+
+    row: SamplingParams
+    seen: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+
 
 _END = object()  # the last item of a sequence's token queue
 _ids = itertools.count()
@@ -32,8 +49,8 @@ class Sequence:
     most likely tokens, most likely first), recorded before the token is streamed; `prompt_logprobs` the
     same per prompt token, None for the first (complete before the first new token)."""
 
-    def __init__(self, prompt_ids: list[int], params: GenerationParams, sampling: SamplingParams, stop: StopStrings,
-                 eos: tuple[int, ...], seen: torch.Tensor | None, on_token: Callable | None):
+    def __init__(self, prompt_ids: list[int], params: GenerationParams, sampling: SamplingState, stop: StopStrings,
+                 eos: tuple[int, ...], on_token: Callable | None):
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
@@ -41,9 +58,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.times: dict[str, float] = {"submitted": time.perf_counter()}
-        # Engine-side state: the sampling row (with this sequence's own generator), stop-string window,
-        # eos ids, tokens seen (for the repetition penalty), its cache slot and how many tokens it holds.
-        self.sampling, self.stop, self.eos, self.seen = sampling, stop, eos, seen
+        # Engine-side state: the sampler's (with this sequence's own generator), the stop-string window,
+        # eos ids, its cache slot and how many tokens it holds.
+        self.sampling, self.stop, self.eos = sampling, stop, eos
         self.slot: int | None = None
         self.num_cached = 0
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None if params.logprobs is None else []
