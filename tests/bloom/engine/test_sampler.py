@@ -9,7 +9,7 @@ import torch
 
 import bloom
 from bloom.engine import Engine, GenerationParams
-from tests.bloom.test_engine import alone
+from tests.bloom.engine.test_engine import alone
 
 STD = 0.3
 PROMPTS = [[5, 9, 11, 40, 7], [8, 3], [100, 101, 102, 103, 104], [60, 61, 62]]
