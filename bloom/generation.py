@@ -205,13 +205,23 @@ class StopStrings:
         # Each token is at least one byte and a character at most four, so this window holds any stop string.
         self.window = 4 * max((len(s) for s in self.stops), default=0) + 4
         self.tokens: list[int] = []
+        self.held = 0  # the first `held` tokens may not end a stop string (they came before min_tokens)
 
-    def hit(self, token: int) -> bool:
+    def hit(self, token: int, check: bool = True) -> bool:
+        """Add `token` to the row's text; whether a stop string now ends in it. check False: only add it
+        (before min_tokens), and no later match may end in the text added so far."""
         if not self.stops:
             return False
         self.tokens.append(token)
-        tail = self.tokenizer.decode(self.tokens[-self.window :])
-        return any(s in tail for s in self.stops)
+        if not check:
+            self.held = len(self.tokens)
+            return False
+        start = max(0, len(self.tokens) - self.window)
+        tail = self.tokenizer.decode(self.tokens[start:])
+        if self.held <= start:
+            return any(s in tail for s in self.stops)
+        held = len(self.tokenizer.decode(self.tokens[start : self.held]))  # a match must end after this text
+        return any(tail.find(s, max(0, held - len(s) + 1)) >= 0 for s in self.stops)
 
 
 def eos_ids(config, eos_token_id) -> tuple[int, ...]:
@@ -220,11 +230,14 @@ def eos_ids(config, eos_token_id) -> tuple[int, ...]:
     return tuple([eos] if isinstance(eos, int) else list(eos or []))
 
 
-def finish_reason(token: int, num_new: int, max_new_tokens: int, eos: tuple[int, ...], stop: StopStrings) -> str | None:
-    """Why a row ends after producing `token` as its num_new-th new token: "eos", "stop", "length", or None."""
-    if token in eos:
+def finish_reason(token: int, num_new: int, max_new_tokens: int, eos: tuple[int, ...], stop: StopStrings,
+                  min_tokens: int = 0) -> str | None:
+    """Why a row ends after producing `token` as its num_new-th new token: "eos", "stop", "length", or None.
+    Before min_tokens new tokens no eos ends it (a sampler masks eos until then, as OpenAI's min_tokens),
+    and no stop string ends in the first min_tokens - 1 tokens' text."""
+    if token in eos and num_new > min_tokens:
         return "eos"
-    if stop.hit(token):
+    if stop.hit(token, check=num_new >= min_tokens):
         return "stop"
     if num_new >= max_new_tokens:
         return "length"

@@ -120,16 +120,17 @@ class BloomAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, residual, bias, cache=None, head_mask=None, output_attentions=False):
+    def forward(self, x, residual, bias, cache=None, head_mask=None, output_attentions=False, packed=None):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         # BLOOM's fused QKV is laid out per head, (H, 3, D), not (3, H, D) as in GPT-2.
         qkv = self.query_key_value(x).view(B, T, H, 3, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # 3 x (B, H, T, D)
-        if cache is not None and hasattr(cache, "attend"):
-            # Sequences of different lengths packed into one row (B = 1, no padding): the cache attends
-            # each over its own tokens (bloom.engine.PackedStep), with this same `attention`.
-            y, probs = cache.attend(self.layer_idx, q, k, v, self.scale), None
+        if packed is not None:
+            # Sequences of different lengths packed into one row (B = 1, no padding): `packed` stores their
+            # keys and values and attends each over its own tokens (bloom.engine.PackedAttention), with
+            # this same `attention`.
+            y, probs = packed.attend(self.layer_idx, q, k, v, self.scale), None
         else:
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D)
@@ -187,11 +188,11 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
 
-    def forward(self, x, bias, cache=None, head_mask=None, output_attentions=False):
+    def forward(self, x, bias, cache=None, head_mask=None, output_attentions=False, packed=None):
         h = self.input_layernorm(x)
         # `apply_residual_connection_post_layernorm`: the residual branch starts after the LayerNorm.
         x, probs = self.self_attention(
-            h, h if self.post_ln_residual else x, bias, cache, head_mask, output_attentions
+            h, h if self.post_ln_residual else x, bias, cache, head_mask, output_attentions, packed
         )
         h = self.post_attention_layernorm(x)
         return self.mlp(h, h if self.post_ln_residual else x), probs
@@ -347,14 +348,25 @@ class BloomModel(BloomPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: KVCache | None = None,
+        packed=None,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, S) over cache + new tokens,
         1 = real token (left or right padding both work); past_key_values a `KVCache` to extend
         (`cache=` is accepted as the name transformers >= 5 uses). head_mask (H,) or (L, H), 1 keeps a head.
         Returns last_hidden_state (B, T, C), the cache when use_cache, and per-layer
-        hidden_states / attentions when asked."""
+        hidden_states / attentions when asked.
+
+        packed: several sequences' new tokens packed into one row (B = 1, no padding), for an object that
+        holds their keys and values itself and attends each row over its own tokens, with its own masks and
+        ALiBi positions: `packed.attend(layer, q, k, v, scale)` → (1, H, T, D) (the engine's
+        `bloom.engine.PackedAttention`). No attention_mask, cache, head_mask or attentions then."""
         cfg = self.config
         past_key_values = past_key_values if past_key_values is not None else cache
+        if packed is not None:
+            if past_key_values is not None or attention_mask is not None or head_mask is not None or output_attentions:
+                raise ValueError("packed= attends each packed sequence itself: pass no past_key_values, "
+                                 "attention_mask, head_mask or output_attentions with it")
+            use_cache = False
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -365,11 +377,10 @@ class BloomModel(BloomPreTrainedModel):
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.word_embeddings(input_ids)
         B, T, _ = inputs_embeds.shape
-        # Any object with KVCache's surface (length, update, advance) serves as the cache. One with `attend`
-        # instead of `update` holds sequences packed into one row and attends each itself, with its own
-        # masks and ALiBi (the engine's bloom.engine.PackedStep); attention_mask is then not used.
-        packed = past_key_values is not None and callable(getattr(past_key_values, "attend", None))
-        if past_key_values is not None and not packed and not callable(getattr(past_key_values, "update", None)):
+        if packed is not None and B != 1:
+            raise ValueError(f"packed= takes one row of packed tokens, got a batch of {B}")
+        # Any object with KVCache's surface (length, update, advance) serves as the cache.
+        if past_key_values is not None and not callable(getattr(past_key_values, "update", None)):
             raise TypeError(
                 f"past_key_values must be a bloom.KVCache, got {type(past_key_values).__name__} "
                 "(it is the second positional argument: pass attention_mask by keyword)"
@@ -377,23 +388,23 @@ class BloomModel(BloomPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = KVCache(cfg.n_layer)
         past = past_key_values.length if past_key_values is not None else 0
-        if attention_mask is None and not packed:
+        if attention_mask is None and packed is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=inputs_embeds.device)
-        elif not packed and attention_mask.shape != (B, past + T):
+        elif packed is None and attention_mask.shape != (B, past + T):
             raise ValueError(
                 f"attention_mask must cover the cached and the new tokens: expected shape {(B, past + T)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
         x = self.word_embeddings_layernorm(inputs_embeds)
         # (B, H, T, S), shared by all layers
-        bias = None if packed else attention_bias(attention_mask.to(x.device), T, cfg.n_head, x.dtype)
+        bias = None if packed is not None else attention_bias(attention_mask.to(x.device), T, cfg.n_head, x.dtype)
         head_mask = _expand_head_mask(head_mask, cfg.n_layer, x)
 
         all_hidden, all_attn = [], []
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(x)
-            x, probs = block(x, bias, past_key_values, head_mask[i], output_attentions)
+            x, probs = block(x, bias, past_key_values, head_mask[i], output_attentions, packed)
             if output_attentions:
                 all_attn.append(probs)
         x = self.ln_f(x)

@@ -33,6 +33,10 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--top-p", "top_p", float, "generate: nucleus sampling mass (with --sample)"),
     ("--top-k", "top_k", int, "generate: sample among the k likeliest tokens (0: off; with --sample)"),
     ("--repetition-penalty", "repetition_penalty", float, "generate: > 1 makes tokens already in the text less likely (default 1: off)"),
+    ("--frequency-penalty", "frequency_penalty", float, "generate: in [-2, 2], lowers a token's logit by this much per time it was generated (default 0: off)"),
+    ("--presence-penalty", "presence_penalty", float, "generate: in [-2, 2], lowers a token's logit by this much once it was generated (default 0: off)"),
+    ("--min-tokens", "min_tokens", int, "generate: no eos or stop string ends a row before this many new tokens (default 0)"),
+    ("--logit-bias", "logit_bias", "json", "generate: a JSON object of token id to a bias in [-100, 100] added to its logit, e.g. '{\"50256\": -100}'"),
     ("--seed", "seed", int, "generate: sampling seed (each row's seed derives from it and the prompt)"),
     ("--stop", "stop", "list", "generate: a stop string (repeatable); the text ends before it"),
     ("--candidate-label", "candidate_labels", "list", "classify: a candidate label for zero-shot with a causal LM (repeatable)"),
@@ -63,6 +67,17 @@ FLAGS = [  # (flag, LabelConfig field, type, help)
 ]
 
 
+def json_object(text: str) -> dict:
+    """A flag's JSON object (e.g. --logit-bias '{"42": 5}'); argparse reports anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> tuple[LabelConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default=None, help="what to compute (default: generate)")
@@ -70,6 +85,8 @@ def parse_args(argv=None) -> tuple[LabelConfig, argparse.Namespace]:
     for flag, dest, kind, text in FLAGS:
         if kind == "list":
             p.add_argument(flag, dest=dest, action="append", default=None, help=text)
+        elif kind == "json":
+            p.add_argument(flag, dest=dest, type=json_object, default=None, help=text)
         else:
             p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     p.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="generate: sample instead of greedy")

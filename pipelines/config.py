@@ -43,6 +43,10 @@ class LabelConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    frequency_penalty: float = 0.0  # OpenAI's: count · penalty off each generated token's logit, in [-2, 2]
+    presence_penalty: float = 0.0  # OpenAI's: penalty off each token generated at least once, in [-2, 2]
+    min_tokens: int = 0  # no eos or stop string ends a row before this many new tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100] added to its logit
     # --- classify ---
     candidate_labels: list[str] = field(default_factory=list)  # non-empty: zero-shot with a causal LM
     label_prefix: str = " "  # put between the prompt and each candidate label
@@ -107,6 +111,8 @@ class LabelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.task == "generate":
             check_cache_tokens(self.cache_tokens, self.max_input_tokens + self.max_new_tokens)
+            if self.min_tokens > self.max_new_tokens:
+                raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         if self.num_actors is not None and self.num_actors < self.min_actors:
             raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
         if "stride" in TASKS[self.task].settings and not 0 <= self.stride < self.max_input_tokens // 2:

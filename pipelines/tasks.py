@@ -216,6 +216,10 @@ class GenerateParams(_Strict):
     repetition_penalty: float | None = Field(None, gt=0)
     seed: int | None = None
     stop: list[Annotated[str, Field(min_length=1)]] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    min_tokens: int | None = Field(None, ge=0)
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None = None
 
 
 class Generate(Task):
@@ -225,13 +229,16 @@ class Generate(Task):
               ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]
     settings = ("text_column", "prompt_template")
     SAMPLING = ("temperature", "top_k", "top_p", "seed")  # used only when do_sample
+    # Settings added after runs were written: at their off value they stay out of the fingerprint, so
+    # those runs still resume.
+    OFF = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "min_tokens": 0, "logit_bias": {}}
 
     def model_class(self, c):
         return bloom.BloomForCausalLM
 
     def content_settings(self, c):
         # Greedy decoding reads no sampling setting: leaving them out lets a greedy rerun differ in them.
-        out = super().content_settings(c)
+        out = {k: v for k, v in super().content_settings(c).items() if k not in self.OFF or v != self.OFF[k]}
         return out if c.do_sample else {k: v for k, v in out.items() if k not in self.SAMPLING}
 
     def input_columns(self, c):
@@ -251,7 +258,10 @@ class Generate(Task):
         """One row's settings for the engine."""
         return GenerationParams(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature,
                                 top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
-                                seed=self.seed(c, prompt), stop_strings=tuple(c.stop))
+                                seed=self.seed(c, prompt), stop_strings=tuple(c.stop),
+                                frequency_penalty=c.frequency_penalty, presence_penalty=c.presence_penalty,
+                                min_tokens=c.min_tokens,
+                                logit_bias={int(t): float(b) for t, b in c.logit_bias.items()} or None)
 
     def label(self, replica, prompts, results, c):
         """Every row is a sequence of the replica's engine: a finished row's room goes to the next at once."""

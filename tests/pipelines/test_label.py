@@ -22,6 +22,7 @@ from bloom.tiny import make_tiny_checkpoint
 from pipelines.config import LabelConfig
 from pipelines.label import JobFailed, pool_resources, run_label_job
 from pipelines.replica import BloomReplica, output_fields
+from pipelines.tasks import TASKS
 from tests.pipelines.conftest import corpus_rows, replica_actor_pids, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -419,6 +420,12 @@ def test_every_setting_has_a_flag():
                                    "--repetition-penalty", "1.3", "--max-text-chars", "500", "--label-prefix", ": "])
     assert config.ignore_labels == ["O", "B-MISC"] and config.repetition_penalty == 1.3
     assert config.max_text_chars == 500 and config.label_prefix == ": "
+    config, _ = script.parse_args(["--frequency-penalty", "0.5", "--presence-penalty", "-1", "--min-tokens", "3",
+                                   "--logit-bias", '{"42": 5, "7": -100}'])
+    assert (config.frequency_penalty, config.presence_penalty, config.min_tokens) == (0.5, -1.0, 3)
+    assert TASKS["generate"].generation_params(config, "x").logit_bias == {42: 5.0, 7: -100.0}
+    with pytest.raises(SystemExit):
+        script.parse_args(["--logit-bias", "[42]"])
     flagged = {dest for _, dest, _, _ in script.FLAGS} | {"task", "do_sample", "overwrite"}
     assert {f.name for f in dataclasses.fields(LabelConfig)} - flagged == set()
 

@@ -32,12 +32,46 @@ def test_only_the_tasks_own_settings_enter_the_fingerprint():
     assert sampled != gen and LabelConfig(task="generate", do_sample=True, temperature=0.7).fingerprint(m) != sampled
 
 
+def test_openais_settings_enter_the_generate_fingerprint_only_when_on():
+    """At their off values the penalties, min_tokens and logit_bias leave the fingerprint as it was before
+    they existed (runs written then still resume); any other value changes it."""
+    m = "model-fingerprint"
+    off = LabelConfig(task="generate")
+    assert not {"frequency_penalty", "presence_penalty", "min_tokens", "logit_bias"} & set(off.task_params())
+    changed = [LabelConfig(task="generate", frequency_penalty=0.5), LabelConfig(task="generate", presence_penalty=0.5),
+               LabelConfig(task="generate", min_tokens=2), LabelConfig(task="generate", logit_bias={42: 5})]
+    prints = [c.fingerprint(m) for c in [off] + changed]
+    assert len(set(prints)) == len(prints)
+    with pytest.raises(ValueError, match="min_tokens \\(40\\) must not exceed max_new_tokens \\(32\\)"):
+        LabelConfig(task="generate", min_tokens=40)
+
+
+def test_openais_settings_reach_each_rows_sequence(checkpoints):
+    """Through the replica (the job's and the REST endpoint's path): a bias that makes eos the first token
+    still yields min_tokens tokens first; a penalty changes the text; rows without them are as before."""
+    rep = BloomReplica(LabelConfig(task="generate", model=str(checkpoints["generate"]), dtype="float32",
+                                   max_new_tokens=12))
+    eos = rep.tokenizer.eos_token_id
+    row = corpus_rows(1)[0]
+    plain, held, at_once, penalised = rep.label_rows([row] * 4, [
+        None, {"logit_bias": {eos: 100}, "min_tokens": 3}, {"logit_bias": {eos: 100}},
+        {"frequency_penalty": -2.0, "presence_penalty": -2.0}])
+    assert at_once["completion_tokens"] == 1 and at_once["finish_reason"] == "eos"
+    assert held["completion_tokens"] == 4 and held["finish_reason"] == "eos"
+    assert penalised["generated_text"] != plain["generated_text"]
+    assert plain == rep.label_rows([row])[0]
+
+
 @pytest.mark.parametrize("task, bad, message", [
     ("generate", {"top_k": -1}, "top_k must be greater than or equal to 0"),
     ("generate", {"stop": [""]}, "stop.0"),
     ("classify", {"threshold": 2}, "threshold must be less than or equal to 1"),
     ("ner", {"aggregation_strategy": "sometimes"}, "aggregation_strategy must be one of none, simple"),
     ("qa", {"max_answer_len": 0}, "max_answer_len must be greater than or equal to 1"),
+    ("generate", {"frequency_penalty": 2.5}, "frequency_penalty must be less than or equal to 2"),
+    ("generate", {"presence_penalty": -3}, "presence_penalty must be greater than or equal to -2"),
+    ("generate", {"min_tokens": -1}, "min_tokens must be greater than or equal to 0"),
+    ("generate", {"logit_bias": {5: 101}}, "logit_bias.5 must be less than or equal to 100"),
 ])
 def test_settings_and_requests_share_the_tasks_bounds(task, bad, message):
     with pytest.raises(ValueError, match=message):

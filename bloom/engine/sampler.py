@@ -1,0 +1,92 @@
+"""The sampler: each row of a step's logits → its sequence's next token, with that sequence's own settings.
+
+Rows sample independently (a mixed batch: greedy beside sampled, each with its own temperature, top-k,
+top-p, repetition penalty and generator) through `bloom.generation.next_token`, the same function as the
+static `model.generate`, so a sequence's tokens equal `generate` on its prompt alone. OpenAI's
+logit_bias, frequency and presence penalties and min_tokens change a copy of a row's logits first. Log-probabilities
+are of the model's own distribution: log_softmax of the fp32 logits, before any setting changes them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..generation import SamplingParams, next_token, sampling_params, token_logprobs
+from .params import GenerationParams
+from .sequence import SamplingState, Sequence
+
+
+def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int, device: torch.device
+                   ) -> SamplingState:
+    """A sequence's sampler state: its sampling row (settings checked, its own generator), the (V,) mask of
+    tokens seen (the prompt's) when it has a repetition penalty, zero counts when it has a frequency or
+    presence penalty, and its logit_bias as tensors. Raises ValueError naming a bad setting."""
+    state = SamplingState(sampling_params(1, device, params.do_sample, params.temperature, params.top_k,
+                                          params.top_p, params.repetition_penalty, params.seed))
+    if params.repetition_penalty != 1:
+        state.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        state.seen[torch.tensor(prompt, device=device)] = True
+    if params.counts_tokens:
+        state.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    if params.logit_bias:
+        state.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+        state.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+    return state
+
+
+def sample(rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+    """fp32 logits (B, V), one row per sequence → each sequence's next token. The logits are not changed
+    (OpenAI's settings work on a copy). Draws from each sampled row's own generator and counts the token
+    in its sampler state (the only state it moves on)."""
+    states = [s.sampling for s in rows]
+    if any(s.params.adjusts_logits for s in rows):
+        logits = adjusted(rows, logits.clone())
+    seen = None
+    if any(st.seen is not None for st in states):
+        none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        seen = torch.stack([none if st.seen is None else st.seen for st in states])
+    tokens = next_token(logits, seen, SamplingParams.cat([st.row for st in states])).tolist()
+    for st, token in zip(states, tokens):
+        if st.seen is not None:
+            st.seen[token] = True
+        if st.counts is not None:
+            st.counts[token] += 1
+    return tokens
+
+
+def adjusted(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """OpenAI's settings, each row its own, applied in place to logits (B, V) and returned: logit_bias
+    added; count · frequency_penalty + (count > 0) · presence_penalty subtracted (count over the tokens
+    generated so far); eos set to -inf while a row has fewer than min_tokens tokens."""
+    device = logits.device
+    biased = [(i, s.sampling) for i, s in enumerate(rows) if s.sampling.bias_ids is not None]
+    if biased:  # one scatter-add for every row's biases
+        where = torch.cat([torch.full_like(st.bias_ids, i) for i, st in biased])
+        logits.index_put_((where, torch.cat([st.bias_ids for _, st in biased])),
+                          torch.cat([st.bias_values for _, st in biased]), accumulate=True)
+    counting = [i for i, s in enumerate(rows) if s.sampling.counts is not None]
+    if counting:
+        counts = torch.stack([rows[i].sampling.counts for i in counting])  # (K, V)
+        freq = torch.tensor([[rows[i].params.frequency_penalty] for i in counting], device=device)
+        presence = torch.tensor([[rows[i].params.presence_penalty] for i in counting], device=device)
+        index = torch.tensor(counting, device=device)
+        logits[index] = logits[index] - (counts * freq + (counts > 0) * presence)
+    held = [(i, s.eos) for i, s in enumerate(rows) if s.eos and len(s.output_ids) < s.params.min_tokens]
+    if held:  # after the bias, so no bias lets eos through before min_tokens
+        where = torch.tensor([i for i, eos in held for _ in eos], device=device)
+        logits.index_put_((where, torch.tensor([t for _, eos in held for t in eos], device=device)),
+                          torch.tensor(float("-inf"), device=device))
+    return logits
+
+
+def logprobs(rows: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
+    """Per row, (the chosen token's logprob, [(id, logprob)] of its `params.logprobs` most likely tokens)
+    for the sequences that ask for logprobs, None for the others. logits (B, V): the model's, unchanged."""
+    asking = [j for j, s in enumerate(rows) if s.logprobs is not None]
+    out: list[tuple | None] = [None] * len(rows)
+    if not asking:
+        return out
+    top = max(rows[j].params.logprobs for j in asking)
+    for j, (lp, alternatives) in zip(asking, token_logprobs(logits[asking], [tokens[j] for j in asking], top)):
+        out[j] = (lp, alternatives[: rows[j].params.logprobs])
+    return out

@@ -1,0 +1,56 @@
+"""The scheduler: what one engine step does, decided from the engine's queues without changing them.
+
+`schedule` returns a `Decision`: which waiting sequences take a cache slot (first come, first served; a
+group of n waits for n free slots), which running sequences decode a token, and which prompt chunks
+prefill, within `prefill_chunk` prompt tokens per step. The engine applies it (slots, the forward,
+counters); calling `schedule` twice on the same state gives the same decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class Decision:
+    """admit: waiting sequences to give a slot, in arrival order (they start prefilling this step);
+    decode: running sequences, one token each; prefill: (sequence, prompt tokens to feed) per chunk, in
+    line order, the admitted sequences last."""
+
+    admit: tuple[Sequence, ...]
+    decode: tuple[Sequence, ...]
+    prefill: tuple[tuple[Sequence, int], ...]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing for the model to run this step."""
+        return not self.decode and not self.prefill
+
+
+def schedule(waiting: Seq[Sequence], prefilling: Seq[Sequence], running: Seq[Sequence], free_slots: int,
+             prefill_chunk: int) -> Decision:
+    """The next step's decision. waiting: sequences without a slot, in arrival order; prefilling: slot
+    held, prompt partly cached; running: prompt cached; free_slots: the cache's free slots now.
+
+    A waiting sequence is admitted while a slot is free for it and its group's siblings (the siblings of
+    groups already prefilling hold a reservation). The prompt chunks go in line order, up to
+    prefill_chunk tokens in all; the first in line always gets min(what is left of its prompt, prefill_chunk)."""
+    reserved = sum(len(s.siblings) for s in prefilling)
+    admit = []
+    for seq in waiting:
+        if free_slots - reserved < 1 + len(seq.siblings):
+            break
+        admit.append(seq)
+        free_slots -= 1
+        reserved += len(seq.siblings)
+    plan, budget = [], prefill_chunk
+    for seq in list(prefilling) + admit:
+        n = min(len(seq.prompt_ids) - seq.num_cached, budget)
+        if n < 1:
+            break
+        plan.append((seq, n))
+        budget -= n
+    return Decision(tuple(admit), tuple(running), tuple(plan))
