@@ -265,7 +265,11 @@ class GenerationParams:
     logprobs: record each new token's log-probability and the `logprobs` most likely tokens' (0: the
     chosen token's only) in `Sequence.logprobs`; prompt_logprobs: the same for every prompt token after
     the first, in `Sequence.prompt_logprobs` (with max_new_tokens 0 the prompt is still run, to score it).
-    None computes nothing."""
+    None computes nothing.
+    logit_bias: token id → bias in [-100, 100], added to this sequence's logits before sampling and the
+    greedy choice (as OpenAI's); logprobs stay those of the model's own distribution.
+    frequency_penalty, presence_penalty, min_tokens: OpenAI's / vLLM's settings (declared here; the
+    sampler applies them in the engine's own branch of this work)."""
 
     max_new_tokens: int = 20
     do_sample: bool = False
@@ -278,6 +282,23 @@ class GenerationParams:
     eos_token_id: int | tuple[int, ...] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
+    """(B, V) logits with each row's `logit_bias` added (row i has params[i]); the same tensor when no
+    row has one, else a copy (the logprobs are recorded from the unbiased logits)."""
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not biased:
+        return logits
+    logits = logits.clone()
+    for i, bias in biased:
+        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+        logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
 
 
 _END = object()  # the last item of a sequence's token queue
@@ -445,6 +466,10 @@ class Engine:
             n = getattr(params, name)
             if n is not None and not (isinstance(n, int) and 0 <= n <= cfg.vocab_size):
                 raise ValueError(f"{name} must be None or an integer in [0, {cfg.vocab_size}], got {n!r}")
+        bias = params.logit_bias or {}
+        if not all(isinstance(t, int) and 0 <= t < cfg.vocab_size and -100 <= b <= 100 for t, b in bias.items()):
+            raise ValueError(f"logit_bias must map token ids in [0, {cfg.vocab_size}) to biases in [-100, 100], "
+                             f"got {bias!r}")
         need = len(prompt) + params.max_new_tokens
         if need > self.cache.max_seq_len:
             raise ValueError(
@@ -675,7 +700,7 @@ class Engine:
         if any(s.seen is not None for s in rows):
             none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen = torch.stack([none if s.seen is None else s.seen for s in rows])
-        tokens = next_token(logits, seen, params).tolist()
+        tokens = next_token(apply_logit_bias(logits, [s.params for s in rows]), seen, params).tolist()
         self._record_logprobs(rows, logits, tokens)
         for s, token in zip(rows, tokens):
             if s.seen is not None:
