@@ -263,8 +263,10 @@ async def _invalid(request: Request, e: RequestValidationError):
     errors = e.errors()
     where = [".".join(str(p) for p in err["loc"][1:]) or "body" for err in errors]
     problems = "; ".join(f"{name}: {err['msg']}" for name, err in zip(where, errors))
-    # The field at fault: the top-level one (e.g. "prompt" for prompt[2] or prompt.list[int].0).
-    param = next((str(err["loc"][1]) for err in errors if len(err["loc"]) > 1), None)
+    # The field at fault: the top-level one (e.g. "prompt" for prompt.list[int].0, where pydantic names the
+    # union's branch), or the parameter within a label route's "parameters".
+    loc = next((err["loc"][1:] for err in errors if len(err["loc"]) > 1), ())
+    param = ".".join(map(str, loc[:2])) if loc[:1] == ("parameters",) else (str(loc[0]) if loc else None)
     return error_answer(400, f"invalid request: {problems}", param)
 
 
