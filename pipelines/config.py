@@ -32,9 +32,6 @@ class LabelConfig:
     id_column: str = "id"
     keep_columns: list[str] = field(default_factory=list)  # passed through besides the id column
     prompt_template: str | None = None  # e.g. "Summarize: {text}"; generate and zero-shot classify
-    # The endpoint's /v1/chat/completions template (Jinja, as transformers' chat_template); None: the
-    # checkpoint's tokenizer_config.json's, if any. Never part of a labeling run's output.
-    chat_template: str | None = None
     question_column: str = "question"  # qa
     context_column: str = "context"  # qa
     # --- generate ---

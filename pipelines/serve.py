@@ -226,7 +226,7 @@ def _chat_logprobs(logprobs: dict | None, top: int | None) -> dict | None:
 # HTTP status (as vLLM sends it), type the kind of error by status, param the request field at fault.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "internal_server_error", 503: "service_unavailable_error"}
+               500: "server_error", 503: "service_unavailable_error"}
 
 
 class ApiError(Exception):
@@ -288,7 +288,8 @@ async def _unexpected(request: Request, e: Exception):
 class BloomEndpoint:
     """One BloomReplica per configured task, loaded once per Serve replica.
 
-    tasks: {task: LabelConfig fields} (model, dtype, limits, default parameters).
+    tasks: {task: LabelConfig fields} (model, dtype, limits, default parameters); the generate task may also
+    set chat_template (Jinja, as transformers'), else its checkpoint's tokenizer_config.json gives it.
     max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 400.
     max_n / max_logprobs: completions asking for more choices (n, best_of) per prompt / top logprobs get 400.
     max_requests: labeling requests and streams this replica holds at once (running or waiting for the
@@ -296,9 +297,12 @@ class BloomEndpoint:
 
     def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512,
                  max_requests: int = 192, max_n: int = 8, max_logprobs: int = 5):
-        self.replicas = {task: BloomReplica(LabelConfig(task=task, **settings),
+        # chat_template: the generate task's endpoint-only setting (no labeling run reads it), not a LabelConfig's.
+        settings = {task: dict(s) for task, s in tasks.items()}
+        chat_template = settings.get("generate", {}).pop("chat_template", None)
+        self.replicas = {task: BloomReplica(LabelConfig(task=task, **s),
                                             max_new_tokens_cap=max_new_tokens_cap if task == "generate" else None)
-                         for task, settings in tasks.items()}
+                         for task, s in settings.items()}
         self.max_body_bytes, self.max_new_tokens_cap = max_body_bytes, max_new_tokens_cap
         self.max_n, self.max_logprobs = max_n, max_logprobs
         self.max_requests, self.held = max_requests, 0  # held: requests in progress (one event loop: no lock)
@@ -312,8 +316,7 @@ class BloomEndpoint:
         # compiled now, so that an invalid one fails the deployment rather than every request.
         self.chat_template = None
         if "generate" in self.replicas:
-            config = self.replicas["generate"].config
-            self.chat_template = config.chat_template or checkpoint_chat_template(config.model)
+            self.chat_template = chat_template or checkpoint_chat_template(self.replicas["generate"].config.model)
             if self.chat_template is not None:
                 compile_template(self.chat_template)
         self.requests = Counter("bloomline_requests", "requests per route and status", tag_keys=("route", "status"))

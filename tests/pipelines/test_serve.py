@@ -301,7 +301,7 @@ def test_chat_completions_render_the_checkpoints_chat_template(server, tmp_path)
     import transformers
     from ray import serve
 
-    from tests.pipelines.test_chat import MESSAGES, TAGGED, with_template
+    from tests.pipelines.test_chat import JSONISH, MESSAGES, TAGGED, with_template
 
     with pytest.raises(openai.NotFoundError, match="chat template"):
         _client(server).chat.completions.create(model="generate", messages=MESSAGES)
@@ -341,6 +341,16 @@ def test_chat_completions_render_the_checkpoints_chat_template(server, tmp_path)
                                                                         "tool_call_id": "1"}])
         with pytest.raises(openai.BadRequestError, match="top_logprobs: only with logprobs"):
             client.chat.completions.create(model="generate", messages=MESSAGES, top_logprobs=2)
+        # The generate task's chat_template setting wins over the checkpoint's.
+        _deploy(server, "chat", {"autoscaling_config": None, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+                args={"tasks": {"generate": {**server[1]["generate"], "model": str(ckpt), "chat_template": JSONISH}}})
+        ids = transformers.AutoTokenizer.from_pretrained(with_template(ckpt, tmp_path / "b", JSONISH)).apply_chat_template(
+            MESSAGES, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        done = client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=6, temperature=0)
+        assert done.usage.prompt_tokens == len(ids)
+        want = client.completions.create(model="generate", prompt=ids, max_tokens=6, temperature=0)
+        assert done.choices[0].message.content == want.choices[0].text
     finally:
         serve.delete("chat")
 
