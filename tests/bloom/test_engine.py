@@ -29,7 +29,8 @@ def text_lm(make_checkpoint, tokenizer):
 def alone(model, prompt, params, tokenizer=None):
     """`generate` on this prompt alone with these settings → (new tokens, finish reason)."""
     kwargs = dataclasses.asdict(params)
-    del kwargs["logprobs"], kwargs["prompt_logprobs"]  # the engine's own: generate records none
+    for name in ("logprobs", "prompt_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "min_tokens"):
+        del kwargs[name]  # the engine's own settings: generate has none (only unset ones are compared here)
     kwargs["seed"] = None if params.seed is None else [params.seed]
     out = model.generate(torch.tensor([prompt]), tokenizer=tokenizer, return_dict_in_generate=True, **kwargs)
     n = out.num_new_tokens[0]
