@@ -2,8 +2,12 @@
 offline job, so a request gets exactly what the job writes for the same row.
 
 Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa (one item or a list, per-request parameters),
-OpenAI-style POST /v1/completions (n choices, logprobs, echo; `stream: true` answers with server-sent
-events) and GET /v1/models, GET /healthz (alive) and /readyz (models loaded). Generation requests,
+OpenAI-style POST /v1/completions (text or token-id prompts, n and best_of choices, logprobs, echo,
+logit_bias; `stream: true` answers with server-sent events), POST /v1/chat/completions (where a chat
+template is set: the messages rendered into a prompt, then the completions path), GET /v1/models and
+/v1/models/{id}, GET /healthz (alive) and /readyz (models loaded). Every error, on every route, is
+OpenAI's object {"error": {"message", "type", "param", "code"}} with the status of its kind (400 invalid,
+401, 404, 413, 503). Generation requests,
 streamed or not, are sequences of one continuous-batching engine per replica (bloom.engine): they join
 and leave its running batch between decode steps. Classify, NER and QA requests are batched with
 @serve.batch, batches capped by a token budget, re-tunable through `user_config`; they never wait
@@ -25,11 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from .config import LabelConfig
+from .chat import ChatTemplateError, checkpoint_chat_template, compile_template, render_chat
 from .replica import BloomReplica, RowError
 from .tasks import TASKS, TokenTexts, timings
 
@@ -46,38 +51,74 @@ app = FastAPI(title="Bloomline", docs_url=None, redoc_url=None)
 REQUESTS = {name: task.request_model() for name, task in TASKS.items()}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool | None = None
-
-
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request; fields we cannot honour are refused rather than ignored (those in
-    NO_OP are taken at the values that change nothing)."""
+class _OpenAIRequest(BaseModel):
+    """A request of OpenAI's API: unknown fields are refused, and null means the default wherever OpenAI's
+    spec allows null (the official client sends an explicit null for a None argument)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_OpenAIRequest):
+    include_usage: bool = False
+
+
+class SamplingRequest(_OpenAIRequest):
+    """What completions and chat completions share: the model, how to sample, how many choices, how to
+    stream. max_tokens None: the route's default."""
+
     model: str | None = None
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no eos or stop string ends a choice before it has these many
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's completions request; prompt: a text, texts, token ids, or lists of token ids. Fields we
+    cannot honour are refused rather than ignored (those in NO_OP are taken at the values that change
+    nothing)."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
 
-# OpenAI's fields that we take only at the value that changes nothing (or null); any other value is a 422.
-NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "logit_bias": {}, "suffix": ""}
+class ChatMessage(BaseModel):
+    """One message; passed to the chat template as sent (other keys, e.g. name, included)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatRequest(SamplingRequest):
+    """OpenAI's chat completions request. max_tokens (or max_completion_tokens) None: the generate task's
+    max_new_tokens. logprobs: true with top_logprobs alternatives per token."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+
+
+# OpenAI's fields that we take only at the value that changes nothing (or null); any other value is a 400.
+NO_OP = {"suffix": ""}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -123,14 +164,87 @@ def _usage(prepared, seqs) -> dict:
     return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
+def _token_prompt(replica, ids: list[int], c, name: str, field: str):
+    """A prompt given as token ids → ((its text, ids), its result so far), as `BloomReplica.prompt_ids`
+    gives for a text; 400 naming the index of an id outside the model's vocabulary, or a prompt of no
+    tokens or over max_input_tokens (never truncated: its end is what the model answers after)."""
+    vocab = replica.model.config.vocab_size
+    if not ids:
+        raise ApiError(400, f"{name} is empty", field)
+    for j, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise ApiError(400, f"{name}[{j}]: token id {token} is not in the vocabulary [0, {vocab})", field)
+    if len(ids) > c.max_input_tokens:
+        raise ApiError(400, f"{name}: input has {len(ids)} tokens, over the limit of {c.max_input_tokens}", field)
+    return (replica.tokenizer.decode(ids, skip_special_tokens=False), list(ids)), {"truncated": False,
+                                                                                   "input_tokens": len(ids)}
+
+
+def _best(group: list, n: int) -> list:
+    """The n sequences of one prompt's group with the highest cumulative logprob (the whole group when it
+    has n: no ranking, so no logprobs needed)."""
+    if len(group) == n:
+        return group
+    return sorted(group, key=lambda seq: -sum(lp for lp, _ in seq.logprobs))[:n]
+
+
+def _choice(k: int, text: str, logprobs: dict | None, result: dict | None, chat: bool, top: int | None,
+            streamed: bool = False, first: bool = False) -> dict:
+    """One choice (or a streamed piece of it, with its result on the last) in OpenAI's shape: completions'
+    {"text", "logprobs"}; chat's {"message"}, or {"delta"} when streamed (with the role on a choice's
+    first chunk), and chat's logprobs object (top: alternatives per token)."""
+    reason = _openai_reason(result["finish_reason"]) if result else None
+    if not chat:
+        return {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
+    message = {"role": "assistant", "content": text} if first or not streamed else {"content": text}
+    return {"index": k, "delta" if streamed else "message": message, "logprobs": _chat_logprobs(logprobs, top),
+            "finish_reason": reason}
+
+
+def _token_bytes(token: str) -> list[int]:
+    """A token's bytes; a piece of a character is written "bytes:\\xe4\\xbd" (see `token_text`)."""
+    if token.startswith("bytes:\\x"):
+        return [int(h, 16) for h in token[len("bytes:\\x"):].split("\\x")]
+    return list(token.encode())
+
+
+def _chat_logprobs(logprobs: dict | None, top: int | None) -> dict | None:
+    """Completions' logprobs object → chat's {"content": [{token, logprob, bytes, top_logprobs}]}, the
+    `top` most likely alternatives per token."""
+    if logprobs is None:
+        return None
+
+    def entry(token, lp):
+        return {"token": token, "logprob": lp, "bytes": _token_bytes(token)}
+
+    return {"content": [{**entry(token, lp), "top_logprobs": [entry(*alt) for alt in list(alts.items())[:top]]}
+                        for token, lp, alts in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                                   logprobs["top_logprobs"])]}
+
+
+# One error shape on every route, OpenAI's: {"error": {"message", "type", "param", "code"}}; code is the
+# HTTP status (as vLLM sends it), type the kind of error by status, param the request field at fault.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable_error"}
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
+    """An answer other than 200: status, a message naming what is wrong, and the field at fault (or None)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        self.status, self.message, self.param = status, message, param
+
+
+def error_answer(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
+            "code": status}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
-    return JSONResponse({"error": {"message": e.message, "code": e.status}}, status_code=e.status)
+    return error_answer(e.status, e.message, e.param)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -140,20 +254,26 @@ async def _http_error(request: Request, e: StarletteHTTPException):  # unknown r
     if status == 405 and parent == "v1" and last not in (*TASKS, "completions", "models", "stats"):
         status = 404  # only POST /v1/{task} matched the path, and there is no such task
     message = {404: f"no route {path}", 405: f"{request.method} is not allowed on {path}"}
-    return JSONResponse({"error": {"message": message.get(status, str(e.detail)), "code": status}},
-                        status_code=status, headers=getattr(e, "headers", None) if status == e.status_code else None)
+    return error_answer(status, message.get(status, str(e.detail)),
+                        headers=getattr(e, "headers", None) if status == e.status_code else None)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, e: RequestValidationError):
-    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
-    return JSONResponse({"error": {"message": f"invalid request: {problems}", "code": 422}}, status_code=422)
+    errors = e.errors()
+    where = [".".join(str(p) for p in err["loc"][1:]) or "body" for err in errors]
+    problems = "; ".join(f"{name}: {err['msg']}" for name, err in zip(where, errors))
+    # The field at fault: the top-level one (e.g. "prompt" for prompt.list[int].0, where pydantic names the
+    # union's branch), or the parameter within a label route's "parameters".
+    loc = next((err["loc"][1:] for err in errors if len(err["loc"]) > 1), ())
+    param = ".".join(map(str, loc[:2])) if loc[:1] == ("parameters",) else (str(loc[0]) if loc else None)
+    return error_answer(400, f"invalid request: {problems}", param)
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception):
     logger.exception("request failed")  # the trace stays in the server's log, never in the answer
-    return JSONResponse({"error": {"message": "internal error", "code": 500}}, status_code=500)
+    return error_answer(500, "internal error")
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -168,17 +288,21 @@ async def _unexpected(request: Request, e: Exception):
 class BloomEndpoint:
     """One BloomReplica per configured task, loaded once per Serve replica.
 
-    tasks: {task: LabelConfig fields} (model, dtype, limits, default parameters).
-    max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 422.
-    max_n / max_logprobs: completions asking for more choices per prompt / top logprobs get 422.
+    tasks: {task: LabelConfig fields} (model, dtype, limits, default parameters); the generate task may also
+    set chat_template (Jinja, as transformers'), else its checkpoint's tokenizer_config.json gives it.
+    max_body_bytes: larger request bodies get 413. max_new_tokens_cap: larger requests get 400.
+    max_n / max_logprobs: completions asking for more choices (n, best_of) per prompt / top logprobs get 400.
     max_requests: labeling requests and streams this replica holds at once (running or waiting for the
     batcher or the engine); more get 503 at once, to be retried (or sent to another replica)."""
 
     def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512,
                  max_requests: int = 192, max_n: int = 8, max_logprobs: int = 5):
-        self.replicas = {task: BloomReplica(LabelConfig(task=task, **settings),
+        # chat_template: the generate task's endpoint-only setting (no labeling run reads it), not a LabelConfig's.
+        settings = {task: dict(s) for task, s in tasks.items()}
+        chat_template = settings.get("generate", {}).pop("chat_template", None)
+        self.replicas = {task: BloomReplica(LabelConfig(task=task, **s),
                                             max_new_tokens_cap=max_new_tokens_cap if task == "generate" else None)
-                         for task, settings in tasks.items()}
+                         for task, s in settings.items()}
         self.max_body_bytes, self.max_new_tokens_cap = max_body_bytes, max_new_tokens_cap
         self.max_n, self.max_logprobs = max_n, max_logprobs
         self.max_requests, self.held = max_requests, 0  # held: requests in progress (one event loop: no lock)
@@ -187,6 +311,14 @@ class BloomEndpoint:
         # Threads that only wait for a sequence to end (the engine computes on its own thread).
         self.waiters = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bloomline-wait")
         self.api_key = _api_key()
+        self.created = int(time.time())  # /v1/models' "created"
+        # The chat template of /v1/chat/completions: the generate task's setting, else its checkpoint's;
+        # compiled now, so that an invalid one fails the deployment rather than every request.
+        self.chat_template = None
+        if "generate" in self.replicas:
+            self.chat_template = chat_template or checkpoint_chat_template(self.replicas["generate"].config.model)
+            if self.chat_template is not None:
+                compile_template(self.chat_template)
         self.requests = Counter("bloomline_requests", "requests per route and status", tag_keys=("route", "status"))
         self.tokens = Counter("bloomline_tokens", "tokens in and out", tag_keys=("task", "direction"))
         self.batch_sizes = Histogram("bloomline_batch_size", "items per model batch",
@@ -247,7 +379,7 @@ class BloomEndpoint:
 
     async def _label(self, route: str, task: str, rows: list[dict], params: dict, single: bool,
                      field: str = "inputs", listed: bool | None = None):
-        """Label a request's rows through the batcher; 422 naming the first item that cannot be labeled.
+        """Label a request's rows through the batcher; 400 naming the first item that cannot be labeled.
         single: answer one object (else {"results": [...]}); field / listed: how the request named its items."""
         self._hold()
         try:
@@ -260,7 +392,7 @@ class BloomEndpoint:
         start = time.perf_counter()
         params = self._validate(task, params)
         if not rows:
-            raise ApiError(422, f"{field} is empty")
+            raise ApiError(400, f"{field} is empty", field)
         if task == "generate":
             results = await self._generate(rows, params, field, listed)
         else:  # classify, ner, qa: each batched on its own queue, never behind a generation or each other
@@ -268,9 +400,9 @@ class BloomEndpoint:
             # forms a batch of its own rather than being refused by Serve.
             size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
             results = await asyncio.gather(*[self.batchers[task]((row, params or None, size)) for row in rows])
-        for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 422)
+        for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 400)
             if r.get("error"):
-                raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {r['error']}")
+                raise ApiError(400, f"{f'{field}[{i}]' if listed else field}: {r['error']}", field)
         keys = [f.name for f in self.replicas[task].fields]
         body = [{k: r.get(k) for k in keys} for r in results]
         self._account(route, task, start, *(sum(r.get(key) or 0 for r in results)
@@ -285,27 +417,31 @@ class BloomEndpoint:
         self.latency.observe((time.perf_counter() - start) * 1000, {"route": route})
         self.requests.inc(1, {"route": route, "status": "200"})
 
-    def _submit(self, rows: list[dict], params: dict, field: str, listed: bool, **choices):
-        """Check every row, then submit each as sequences of the generate replica's engine (choices: n,
-        logprobs, prompt_logprobs of `Generate.submit`); 422 naming the first row that cannot be generated
-        for (before anything is submitted). Returns (settings, [(prompt, ids), result] per row, the
-        sequences per row)."""
+    def _submit(self, prompts: list, params: dict, field: str, listed: bool, n: int = 1, **request):
+        """Check every prompt, then submit each as n sequences of the generate replica's engine (request:
+        the engine settings of `Generate.submit`); 400 naming the first prompt that cannot be generated
+        for (before anything is submitted). prompts: rows (a text prompt's columns) or token-id lists.
+        Returns (settings, [(prompt, ids), result] per prompt, the sequences per prompt)."""
         replica = self.replicas["generate"]
         c = replica.with_params(params)
         prepared = []
-        for i, row in enumerate(rows):
+        for i, prompt in enumerate(prompts):
+            name = f"{field}[{i}]" if listed else field
+            if not isinstance(prompt, dict):
+                prepared.append(_token_prompt(replica, prompt, c, name, field))
+                continue
             try:
-                prepared.append(replica.prompt_ids(row, c))
+                prepared.append(replica.prompt_ids(prompt, c))
             except RowError as e:
-                raise ApiError(422, f"{f'{field}[{i}]' if listed else field}: {e}") from None
+                raise ApiError(400, f"{name}: {e}", field) from None
         groups = []
         try:
             for (prompt, ids), _ in prepared:
-                groups.append(replica.task.submit(replica, prompt, ids, c, **choices))
+                groups.append(replica.task.submit(replica, prompt, ids, c, n, **request))
         except ValueError as e:  # cannot fit the engine's slots
             for seq in (s for group in groups for s in group):
                 replica.engine.abort(seq)
-            raise ApiError(422, f"{field}: {e}") from None
+            raise ApiError(400, f"{field}: {e}", field) from None
         return c, prepared, groups
 
     async def _wait(self, seqs: list) -> None:
@@ -337,16 +473,18 @@ class BloomEndpoint:
                 self.engine_gauges[name].set(value)
 
     def _validate(self, task: str, params: dict) -> dict:
-        """Drop unset parameters; 422 for values over the endpoint's caps or invalid for the task."""
+        """Drop unset parameters; 400 for values over the endpoint's caps or invalid for the task."""
         if task not in self.replicas:
             raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
         params = {k: v for k, v in params.items() if v is not None}
         if params.get("max_new_tokens", 0) > self.max_new_tokens_cap:
-            raise ApiError(422, f"max_new_tokens {params['max_new_tokens']} is over the limit of {self.max_new_tokens_cap}")
+            raise ApiError(400, f"max_new_tokens {params['max_new_tokens']} is over the limit of "
+                                f"{self.max_new_tokens_cap}", "max_new_tokens")
         try:
             self.replicas[task].with_params(params)
         except ValueError as e:
-            raise ApiError(422, str(e)) from None
+            named = str(e).split(" ", 1)[0]  # the replica's messages begin with the parameter at fault
+            raise ApiError(400, str(e), named if named in params else None) from None
         return params
 
     # -- routes --
@@ -385,85 +523,166 @@ class BloomEndpoint:
         except ValueError as e:
             if hasattr(e, "errors"):
                 raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
-            raise ApiError(422, f"invalid JSON: {e}") from None
+            raise ApiError(400, f"invalid JSON: {e}") from None
+
+    def _model(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "bloomline"}
 
     @app.get("/v1/models")
     async def models(self, request: Request):
+        """The served models, one per task and named by it (never the server's checkpoint paths)."""
         self._check(request)
-        return {"object": "list", "data": [{"id": task, "object": "model", "owned_by": "bloomline",
-                                            "root": r.config.model} for task, r in self.replicas.items()]}
+        return {"object": "list", "data": [self._model(task) for task in self.replicas]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request):
+        self._check(request)
+        if model_id not in self.replicas:
+            raise ApiError(404, f"model {model_id!r} is not served here (it serves: {', '.join(self.replicas)})",
+                           "model")
+        return self._model(model_id)
+
+    def _generator(self, model: str | None) -> BloomReplica:
+        """The generate replica, which OpenAI's routes serve as model "generate"; 404 for another model."""
+        if "generate" not in self.replicas:
+            raise ApiError(404, "this endpoint does not serve task 'generate'", "model")
+        if model is not None and model != "generate":
+            raise ApiError(404, f"model {model!r} is not served here (completions serve: generate)", "model")
+        return self.replicas["generate"]
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        """OpenAI's completions API over the generate task: n choices per prompt (indexed i * n + j, as
-        OpenAI numbers them), logprobs, echo; `stream: true` answers with server-sent events."""
+        """OpenAI's completions API over the generate task: prompts as texts or token ids, n choices per
+        prompt (indexed i * n + j, as OpenAI numbers them), best_of, logprobs, echo; `stream: true`
+        answers with server-sent events."""
         req = await self._body(request, CompletionRequest)
-        if "generate" not in self.replicas:
-            raise ApiError(404, "this endpoint does not serve task 'generate'")
-        if req.model is not None and req.model != "generate":
-            raise ApiError(404, f"model {req.model!r} is not served here (completions serve: generate)")
-        self._check_completion(req)
+        replica = self._generator(req.model)
+        single = isinstance(req.prompt, str) or bool(req.prompt) and isinstance(req.prompt[0], int)
+        prompts = [replica.task.item_row(p, replica.config) if isinstance(p, str) else p
+                   for p in ([req.prompt] if single else req.prompt)]
+        return await self._complete(req, prompts, not single, 16 if req.max_tokens is None else req.max_tokens,
+                                    req.logprobs, req.echo, req.best_of or req.n)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI's chat completions over the generate task: the messages rendered by the chat template
+        into one prompt, then generated for as a completion (the same parameters, limits and engine)."""
+        req = await self._body(request, ChatRequest)
+        replica = self._generator(req.model)
+        if self.chat_template is None:
+            raise ApiError(404, "chat completions need a chat template: the generate task's checkpoint has no "
+                                "chat_template in its tokenizer_config.json, and no chat_template setting gives one",
+                           "model")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs: only with logprobs: true", "top_logprobs")
+        messages = [m.model_dump(exclude_unset=True) for m in req.messages]
+        try:
+            text = render_chat(self.chat_template, messages, replica.tokenizer.special_tokens_map)
+        except ChatTemplateError as e:
+            raise ApiError(400, f"messages: {e}", "messages") from None
+        max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None),
+                          min(replica.config.max_new_tokens, self.max_new_tokens_cap))
+        return await self._complete(req, [replica.tokenizer.encode(text)], False, max_tokens,
+                                    (req.top_logprobs or 0) if req.logprobs else None, False, req.n)
+
+    async def _complete(self, req: SamplingRequest, prompts: list, listed: bool, max_tokens: int,
+                        logprobs: int | None, echo: bool, best_of: int):
+        """Completions and chat completions alike. prompts: rows (text prompts) or token-id lists; each is
+        generated for best_of times, and the n sequences with the highest cumulative logprob answer.
+        logprobs: top alternatives per token (None: no logprobs); echo: the prompt leads each choice."""
+        chat = isinstance(req, ChatRequest)
+        field = "messages" if chat else "prompt"
+        if not prompts:
+            raise ApiError(400, f"{field} is empty", field)
+        self._check_sampling(req, max_tokens, logprobs, best_of)
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
-        params = self._validate("generate", {"max_new_tokens": req.max_tokens, "do_sample": req.temperature > 0,
+        params = self._validate("generate", {"max_new_tokens": max_tokens, "do_sample": req.temperature > 0,
                                              "top_p": req.top_p, "stop": stop, "seed": req.seed,
                                              "temperature": req.temperature if req.temperature > 0 else None})
-        replica = self.replicas["generate"]
-        rows = [replica.task.item_row(p, replica.config) for p in ([req.prompt] if isinstance(req.prompt, str)
-                                                                   else req.prompt)]
-        if not rows:
-            raise ApiError(422, "prompt is empty")
-        choices = {"n": req.n, "logprobs": req.logprobs, "prompt_logprobs": req.logprobs if req.echo else None}
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+        # Choosing the best of more sequences than are answered ranks them by their logprobs (0: the
+        # chosen tokens' only); they are shown only when asked for.
+        request = {"n": best_of, "logprobs": logprobs if best_of == req.n else (logprobs or 0),
+                   "prompt_logprobs": logprobs if echo else None, "logit_bias": self._logit_bias(req.logit_bias),
+                   "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
+                   "min_tokens": req.min_tokens}
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": "generate"}
-        listed = isinstance(req.prompt, list)
+        replica = self.replicas["generate"]
         if req.stream:
             self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
-            c, prepared, groups = self._submit(rows, params, "prompt", listed, **choices)
+            c, prepared, groups = self._submit(prompts, params, field, listed, **request)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(head, c, prepared, groups, req.echo, usage),
+            head = {**head, "object": "chat.completion.chunk"} if chat else head
+            return StreamingResponse(self._stream(head, c, prepared, groups, echo, usage, chat, logprobs),
                                      media_type="text/event-stream")
         self._hold()
         try:
             start = time.perf_counter()
-            c, prepared, groups = self._submit(rows, params, "prompt", listed, **choices)
+            c, prepared, groups = self._submit(prompts, params, field, listed, **request)
             seqs = [seq for group in groups for seq in group]
             await self._wait(seqs)
             answer = []
-            for k, seq in enumerate(seqs):
-                text, logprobs, result = "", None, None
-                for piece, result, piece_logprobs in _choice_pieces(replica, seq, c, req.echo):
+            for k, seq in enumerate(s for group in groups for s in _best(group, req.n)):
+                text, lp, result = "", None, None
+                for piece, result, piece_lp in _choice_pieces(replica, seq, c, echo):
                     text += piece
-                    logprobs = _join_logprobs(logprobs, piece_logprobs)
-                answer.append({"index": k, "text": text, "logprobs": logprobs,
-                               "finish_reason": _openai_reason(result["finish_reason"])})
-            usage = _usage(prepared, seqs)
-            self._account("completions", "generate", start, usage["prompt_tokens"], usage["completion_tokens"])
+                    lp = _join_logprobs(lp, piece_lp)
+                answer.append(_choice(k, text, lp if logprobs is not None else None, result, chat, logprobs))
+            usage = _usage(prepared, seqs)  # every sequence generated, best_of of them per prompt
+            self._account("chat" if chat else "completions", "generate", start, usage["prompt_tokens"],
+                          usage["completion_tokens"])
         finally:
             self.held -= 1
         return {**head, "choices": answer, "usage": usage}
 
-    def _check_completion(self, req: CompletionRequest) -> None:
-        """422 naming the field for what this endpoint cannot honour or allows no more of."""
+    def _check_sampling(self, req: SamplingRequest, max_tokens: int, logprobs: int | None, best_of: int) -> None:
+        """400 naming the field for what this endpoint cannot honour or allows no more of."""
         for name, value in NO_OP.items():
-            given = getattr(req, name)
+            given = getattr(req, name, None)
             if given is not None and given != value:
-                raise ApiError(422, f"{name} {given!r} is not supported (only {value!r} or null)")
-        if req.best_of is not None and req.best_of < req.n:
-            raise ApiError(422, f"best_of {req.best_of} must be at least n ({req.n})")
+                raise ApiError(400, f"{name} {given!r} is not supported (only {value!r} or null)", name)
         if req.stream_options is not None and not req.stream:
-            raise ApiError(422, "stream_options: only with stream: true")
-        if req.max_tokens > self.max_new_tokens_cap:
-            raise ApiError(422, f"max_tokens {req.max_tokens} is over the limit of {self.max_new_tokens_cap}")
+            raise ApiError(400, "stream_options: only with stream: true", "stream_options")
+        if max_tokens > self.max_new_tokens_cap:
+            raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {self.max_new_tokens_cap}", "max_tokens")
+        if req.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens {req.min_tokens} is over max_tokens ({max_tokens})", "min_tokens")
         if req.n > self.max_n:
-            raise ApiError(422, f"n {req.n} is over the limit of {self.max_n}")
-        if req.logprobs is not None and req.logprobs > self.max_logprobs:
-            raise ApiError(422, f"logprobs {req.logprobs} is over the limit of {self.max_logprobs}")
+            raise ApiError(400, f"n {req.n} is over the limit of {self.max_n}", "n")
+        if best_of < req.n:
+            raise ApiError(400, f"best_of {best_of} must be at least n ({req.n})", "best_of")
+        if best_of > self.max_n:
+            raise ApiError(400, f"best_of {best_of} is over the limit of {self.max_n}", "best_of")
+        if best_of > req.n and req.stream:
+            raise ApiError(400, "best_of: not with stream: true (the best choices are known only at the end)",
+                           "best_of")
+        name = "top_logprobs" if isinstance(req, ChatRequest) else "logprobs"
+        if logprobs is not None and logprobs > self.max_logprobs:
+            raise ApiError(400, f"{name} {logprobs} is over the limit of {self.max_logprobs}", name)
 
-    async def _stream(self, head, c, prepared, groups, echo: bool, usage: bool):
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's logit_bias (token ids as JSON keys → bias) as the engine takes it; 400 naming a key
+        that is no token id of the vocabulary, or a bias outside [-100, 100]."""
+        if not bias:
+            return None
+        vocab, out = self.replicas["generate"].model.config.vocab_size, {}
+        for key, value in bias.items():
+            token = int(key) if key.isdigit() else -1
+            if not 0 <= token < vocab:
+                raise ApiError(400, f"logit_bias: key {key!r} is not a token id in [0, {vocab})", "logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: the bias {value} of token {key} is outside [-100, 100]",
+                               "logit_bias")
+            out[token] = value
+        return out
+
+    async def _stream(self, head, c, prepared, groups, echo: bool, usage: bool, chat: bool, logprobs: int | None):
         """Server-sent events in OpenAI's format: every choice's text as its tokens come (the choices
         interleaved, each chunk naming its index, with the logprobs of the tokens it begins), a chunk with
-        each choice's finish_reason, the usage when asked, then [DONE]. Every choice is a sequence of the
-        engine's running batch; a client that goes away aborts them (their slots are free the next step)."""
+        each choice's finish_reason, the usage when asked, then [DONE]. Chat chunks carry a `delta` (the
+        role in a choice's first). Every choice is a sequence of the engine's running batch; a client that
+        goes away aborts them (their slots are free the next step)."""
         self.held += 1
         replica, loop, ready = self.replicas["generate"], asyncio.get_running_loop(), asyncio.Queue()
         seqs = [seq for group in groups for seq in group]
@@ -477,16 +696,17 @@ class BloomEndpoint:
                 ready.put_nowait((k, e))
 
         pumps = [asyncio.create_task(pump(k, _choice_pieces(replica, seq, c, echo))) for k, seq in enumerate(seqs)]
+        begun = set()
         try:
             for _ in range(len(seqs)):
                 while (item := await ready.get())[1] is not None:
                     k, piece = item
                     if isinstance(piece, Exception):
                         raise piece
-                    text, result, logprobs = piece
-                    if text or logprobs or result:
-                        reason = _openai_reason(result["finish_reason"]) if result else None
-                        choice = {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                    text, result, lp = piece
+                    if text or lp or result:
+                        choice = _choice(k, text, lp, result, chat, logprobs, streamed=True, first=k not in begun)
+                        begun.add(k)
                         yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
             for seq in seqs:
                 self._observe(seq)

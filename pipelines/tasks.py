@@ -283,13 +283,12 @@ class Generate(Task):
         return {"generated_text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens)}
 
-    def submit(self, replica, prompt, ids: list[int], c, n: int = 1, logprobs: int | None = None,
-               prompt_logprobs: int | None = None) -> list:
+    def submit(self, replica, prompt, ids: list[int], c, n: int = 1, **request) -> list:
         """One prompt as n sequences of the replica's engine (running on its background thread), sharing
-        one prefill; logprobs / prompt_logprobs: see `bloom.engine.GenerationParams`."""
+        one prefill. request: a request's own `bloom.engine.GenerationParams` fields that no offline
+        setting gives (logprobs, prompt_logprobs, logit_bias, ...), over those of `c`."""
         replica.start_engine()
-        params = dataclasses.replace(self.generation_params(c, prompt), logprobs=logprobs,
-                                     prompt_logprobs=prompt_logprobs)
+        params = dataclasses.replace(self.generation_params(c, prompt), **request)
         return replica.engine.submit_group(ids, params, n)
 
     def texts(self, replica, seq, c, start: int = 0):

@@ -90,7 +90,7 @@ def test_openai_client_completions(server):
     assert sum(1 for c in chunks if c.choices[0].text) > 1  # token by token, not one block
     assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
     too_long = post(server, "/v1/completions", {"prompt": "word " * 300, "max_tokens": 2, "stream": True})
-    assert too_long.status_code == 422 and "limit of 200" in too_long.json()["error"]["message"]
+    assert too_long.status_code == 400 and "limit of 200" in too_long.json()["error"]["message"]
     assert [m.id for m in client.models.list().data] == list(server[1])
 
 
@@ -170,18 +170,203 @@ def test_openai_client_n_logprobs_and_echo_streamed_and_not(server):
     assert [len(t) for t in scored.choices[0].logprobs.top_logprobs[1:]] == [1] * (prompt_tokens[1] - 1)
 
 
+def _client(server, base=None):
+    import openai
+
+    return openai.OpenAI(base_url=(base or server[0]) + "/v1", api_key=KEY, max_retries=0)
+
+
+def _tokenizer(server):
+    import bloom
+
+    return bloom.BloomTokenizerFast.from_pretrained(server[1]["generate"]["model"])
+
+
+def test_null_means_the_default_as_the_official_client_sends_it(server):
+    """OpenAI's spec allows null for every optional field, and the client sends an explicit None as null
+    (each was a 422 "Input should be a valid integer")."""
+    client, prompt = _client(server), "The quick brown fox"
+    nulls = dict(model=None, max_tokens=None, temperature=None, top_p=None, n=None, echo=None, logprobs=None,
+                 stop=None, seed=None, stream=None, stream_options=None, best_of=None, logit_bias=None,
+                 frequency_penalty=None, presence_penalty=None, suffix=None, user=None)
+    default = client.completions.create(model="generate", prompt=prompt, temperature=0)
+    assert default.usage.completion_tokens <= 16
+    greedy = client.completions.create(prompt=prompt, **{**nulls, "temperature": 0})
+    assert [(c.text, c.logprobs) for c in greedy.choices] == [(default.choices[0].text, None)]
+    assert greedy.usage == default.usage
+    sampled = client.completions.create(prompt=prompt, **nulls)  # temperature null: 1, sampled
+    assert len(sampled.choices) == 1 and 0 < sampled.usage.completion_tokens <= 16
+    raw = post(server, "/v1/completions", {"prompt": prompt, **{k: None for k in nulls}, "min_tokens": None})
+    assert raw.status_code == 200, raw.text
+
+
+def test_errors_reach_the_official_client_as_its_exceptions(server):
+    import openai
+
+    client = _client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="generate", prompt="x", logprobs=6)
+    assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "logprobs")
+    with pytest.raises(openai.BadRequestError, match="stream_options: only with stream: true"):
+        client.completions.create(model="generate", prompt="x", stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError, match="surprise"):
+        client.completions.create(model="generate", prompt="x", extra_body={"surprise": 1})
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x")
+    assert (e.value.type, e.value.param) == ("not_found_error", "model")
+    with pytest.raises(openai.AuthenticationError):
+        _client(server).with_options(api_key="wrong").models.list()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="generate", prompt="word " * 5000)
+    assert e.value.status_code == 413 and "over the limit of 20000" in e.value.message
+
+
+def test_token_id_prompts_answer_as_their_text_and_are_checked(server):
+    """A prompt as token ids, or a list of such lists: answered as the text they stand for, echoed
+    decoded, counted in usage; an id outside the vocabulary is a 400 naming its index."""
+    import openai
+
+    client, tokenizer = _client(server), _tokenizer(server)
+    texts = ["The quick brown fox", "Ada Obi flew to Lima and"]
+    ids = [tokenizer.encode(t) for t in texts]
+    by_text = client.completions.create(model="generate", prompt=texts, max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model="generate", prompt=ids, max_tokens=5, temperature=0, echo=True)
+    assert [c.text for c in by_ids.choices] == [t + c.text for t, c in zip(texts, by_text.choices)]
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == sum(map(len, ids))
+    one = client.completions.create(model="generate", prompt=ids[1], max_tokens=5, temperature=0)
+    assert one.choices[0].text == by_text.choices[1].text and one.usage.prompt_tokens == len(ids[1])
+    chunks = list(client.completions.create(model="generate", prompt=ids[1], max_tokens=5, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == one.choices[0].text
+    with pytest.raises(openai.BadRequestError, match=r"prompt\[1\]\[2\]: token id 512 is not in the vocabulary"):
+        client.completions.create(model="generate", prompt=[ids[0], [5, 6, 512]], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match=r"prompt\[1\]: token id -1 is not in the vocabulary"):
+        client.completions.create(model="generate", prompt=[5, -1], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="input has 201 tokens, over the limit of 200"):
+        client.completions.create(model="generate", prompt=[5] * 201, max_tokens=2)
+
+
+def test_logit_bias_steers_the_choice_per_request(server):
+    client, tokenizer = _client(server), _tokenizer(server)
+    allowed = tokenizer.encode(" fox brown")
+    texts = {tokenizer.decode([t]) for t in allowed}
+    ask = dict(model="generate", prompt="The quick brown fox", max_tokens=6, temperature=0, logprobs=0)
+    plain = client.completions.create(**ask)
+    forced = client.completions.create(**ask, logit_bias={str(t): 100 for t in allowed})
+    assert len(forced.choices[0].logprobs.tokens) == 6 and set(forced.choices[0].logprobs.tokens) <= texts
+    # The logprobs stay the model's own: a +100 bias would have made them ~0.
+    assert max(forced.choices[0].logprobs.token_logprobs) < -1e-3
+    only = allowed[0]  # every other token banned
+    banned = client.completions.create(**ask, logit_bias={str(t): -100 for t in range(512) if t != only})
+    assert banned.choices[0].logprobs.tokens == [tokenizer.decode([only])] * 6
+    assert client.completions.create(**ask).choices[0].text == plain.choices[0].text  # nothing left behind
+    sampled = client.completions.create(**{**ask, "temperature": 1.0, "seed": 3}, logit_bias={str(t): 100 for t in allowed})
+    assert set(sampled.choices[0].logprobs.tokens) <= texts
+
+
+def test_best_of_answers_the_n_most_likely_of_its_samples(server):
+    client = _client(server)
+    ask = dict(model="generate", prompt="The quick brown fox", max_tokens=8, temperature=1.0, seed=11)
+    four = client.completions.create(**ask, n=4, logprobs=0)  # the same 4 samples (seeds 11 .. 14)
+    ranked = sorted(four.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    best = client.completions.create(**ask, n=2, best_of=4)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]] and [c.index for c in best.choices] == [0, 1]
+    assert all(c.logprobs is None for c in best.choices)  # ranked by logprobs, shown only when asked for
+    assert best.usage.completion_tokens == four.usage.completion_tokens  # every sample counts
+
+
+def test_penalties_and_min_tokens_are_taken(server):
+    done = _client(server).completions.create(model="generate", prompt="The quick brown fox", max_tokens=4,
+                                              temperature=0, frequency_penalty=0.5, presence_penalty=-0.5,
+                                              extra_body={"min_tokens": 2})
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage.completion_tokens >= 1
+
+
+def test_models_are_ids_never_server_paths(server):
+    import openai
+
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == list(server[1])
+    listing = requests.get(server[0] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    assert "root" not in listing and not any(s["model"] in listing for s in server[1].values())
+    assert client.models.retrieve("generate").id == "generate"
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
+        client.models.retrieve("nope")
+
+
+def test_chat_completions_render_the_checkpoints_chat_template(server, tmp_path):
+    """/v1/chat/completions renders the messages with the checkpoint's chat_template as transformers
+    does, then answers as the completions route does for those tokens, streamed or not, with the same
+    limits; a checkpoint without a template answers 404 saying so."""
+    import openai
+    import transformers
+    from ray import serve
+
+    from tests.pipelines.test_chat import JSONISH, MESSAGES, TAGGED, with_template
+
+    with pytest.raises(openai.NotFoundError, match="chat template"):
+        _client(server).chat.completions.create(model="generate", messages=MESSAGES)
+    ckpt = with_template(Path(server[1]["generate"]["model"]), tmp_path, TAGGED)
+    base = _deploy(server, "chat", {"autoscaling_config": None, "num_replicas": 1,
+                                    "ray_actor_options": {"num_cpus": 0.25}},
+                   args={"tasks": {"generate": {**server[1]["generate"], "model": str(ckpt)}}, "max_new_tokens_cap": 64})
+    try:
+        client = _client(server, base)
+        ids = transformers.AutoTokenizer.from_pretrained(ckpt).apply_chat_template(MESSAGES, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        want = client.completions.create(model="generate", prompt=ids, max_tokens=6, temperature=0)
+        done = client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=6, temperature=0,
+                                              top_p=None, n=None, stop=None, seed=None, logprobs=None)
+        assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+        assert done.choices[0].message.content == want.choices[0].text
+        assert done.choices[0].finish_reason == want.choices[0].finish_reason
+        assert done.usage.prompt_tokens == len(ids) == want.usage.prompt_tokens
+        chunks = list(client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.choices[0].text
+        assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == done.choices[0].finish_reason
+        assert chunks[-1].usage == done.usage
+        scored = client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=2)
+        content = scored.choices[0].logprobs.content
+        assert len(content) == scored.usage.completion_tokens
+        for token in content:
+            assert len(token.top_logprobs) == 2 and token.logprob == pytest.approx(token.top_logprobs[0].logprob)
+        n2 = client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=4, n=2, seed=5)
+        assert [c.index for c in n2.choices] == [0, 1]
+        with pytest.raises(openai.BadRequestError, match="max_tokens 100 is over the limit of 64"):
+            client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=100)
+        with pytest.raises(openai.BadRequestError, match="unknown role tool"):
+            client.chat.completions.create(model="generate", messages=[{"role": "tool", "content": "x",
+                                                                        "tool_call_id": "1"}])
+        with pytest.raises(openai.BadRequestError, match="top_logprobs: only with logprobs"):
+            client.chat.completions.create(model="generate", messages=MESSAGES, top_logprobs=2)
+        # The generate task's chat_template setting wins over the checkpoint's.
+        _deploy(server, "chat", {"autoscaling_config": None, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+                args={"tasks": {"generate": {**server[1]["generate"], "model": str(ckpt), "chat_template": JSONISH}}})
+        ids = transformers.AutoTokenizer.from_pretrained(with_template(ckpt, tmp_path / "b", JSONISH)).apply_chat_template(
+            MESSAGES, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        done = client.chat.completions.create(model="generate", messages=MESSAGES, max_tokens=6, temperature=0)
+        assert done.usage.prompt_tokens == len(ids)
+        want = client.completions.create(model="generate", prompt=ids, max_tokens=6, temperature=0)
+        assert done.choices[0].message.content == want.choices[0].text
+    finally:
+        serve.delete("chat")
+
+
 def test_health_and_readiness(server):
     assert requests.get(server[0] + "/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(server[0] + "/readyz", timeout=10).json()["ready"] is True
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ('{"inputs": "x",', 422, "invalid"),
-    ('{"inputs": "x", "surprise": 1}', 422, "surprise"),
-    ('{"inputs": "x", "parameters": {"max_new_tokens": 1000}}', 422, "over the limit of 64"),
-    ('{"inputs": "x", "parameters": {"temperature": -1}}', 422, "temperature"),
+    ('{"inputs": "x",', 400, "invalid"),
+    ('{"inputs": "x", "surprise": 1}', 400, "surprise"),
+    ('{"inputs": "x", "parameters": {"max_new_tokens": 1000}}', 400, "over the limit of 64"),
+    ('{"inputs": "x", "parameters": {"temperature": -1}}', 400, "temperature"),
     (json.dumps({"inputs": "word " * 5000}), 413, "over the limit of 20000"),
-    (json.dumps({"inputs": "word " * 300}), 422, "limit of 200"),
+    (json.dumps({"inputs": "word " * 300}), 400, "limit of 200"),
 ])
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
     answer = requests.post(server[0] + "/v1/generate", data=body, timeout=60,
@@ -192,40 +377,62 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, body, s
     assert post(server, "/v1/classify", {"inputs": "still fine"}).status_code == 200
 
 
-@pytest.mark.parametrize("route, body, status, message", [
-    ("/v1/completions", {"prompt": "", "max_tokens": 2}, 422, "prompt: text is empty"),
-    ("/v1/completions", {"prompt": ["fine", "   "], "max_tokens": 2}, 422, "prompt[1]: text is empty"),
-    ("/v1/completions", {"prompt": " ", "max_tokens": 2, "stream": True}, 422, "prompt: text is empty"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 100}, 422, "max_tokens 100 is over the limit of 64"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' is not served"),
-    ("/v1/completions", {"prompt": "x", "n": 9}, 422, "n 9 is over the limit of 8"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 422, "logprobs 6 is over the limit of 5"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 422, "frequency_penalty 0.5 is not supported"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": -1}, 422, "presence_penalty -1.0 is not supported"),
-    ("/v1/completions", {"prompt": "x", "best_of": 2}, 422, "best_of 2 is not supported"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 422, "logit_bias {'5': 10.0} is not supported"),
-    ("/v1/completions", {"prompt": "x", "suffix": "end"}, 422, "suffix 'end' is not supported"),
-    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 422, "stream_options"),
-    ("/v1/completions", {"prompt": "x", "functions": []}, 422, "functions"),
-    ("/v1/classify", {"inputs": ["fine", ""]}, 422, "inputs[1]: text is empty"),
-    ("/v1/classify", {"inputs": "x" * 100_001}, 413, "over the limit"),
-    ("/v1/nothing", {"inputs": "x"}, 404, "no route /v1/nothing"),
-    ("/nowhere", {}, 404, "no route /nowhere"),
+@pytest.mark.parametrize("route, body, status, message, param", [
+    ("/v1/completions", {"prompt": "", "max_tokens": 2}, 400, "prompt: text is empty", "prompt"),
+    ("/v1/completions", {"prompt": ["fine", "   "], "max_tokens": 2}, 400, "prompt[1]: text is empty", "prompt"),
+    ("/v1/completions", {"prompt": " ", "max_tokens": 2, "stream": True}, 400, "prompt: text is empty", "prompt"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 2}, 400, "prompt is empty", "prompt"),
+    ("/v1/completions", {"prompt": [[5, 6], []]}, 400, "prompt[1] is empty", "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100}, 400, "max_tokens 100 is over the limit of 64", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' is not served", "model"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n 9 is over the limit of 8", "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n: Input should be greater than or equal to 1", "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs 6 is over the limit of 5", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty", "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -3}, 400, "presence_penalty", "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens 5 is over max_tokens (4)",
+     "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of 2 must be at least n (3)", "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 9}, 400, "best_of 9 is over the limit of 8", "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, 400, "best_of: not with stream", "best_of"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"x5": 10}}, 400, "logit_bias: key 'x5' is not a token id",
+     "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "outside [-100, 100]", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "not a token id in [0, 512)", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "suffix 'end' is not supported", "suffix"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "stream_options"),
+    ("/v1/completions", {"prompt": "x", "functions": []}, 400, "functions", "functions"),
+    ("/v1/generate", {"inputs": "x", "parameters": {"temperature": -1}}, 400, "temperature",
+     "parameters.temperature"),
+    ("/v1/generate", {"inputs": "x", "parameters": {"max_new_tokens": 65}}, 400, "over the limit of 64",
+     "max_new_tokens"),
+    ("/v1/classify", {"inputs": ["fine", ""]}, 400, "inputs[1]: text is empty", "inputs"),
+    ("/v1/classify", {"inputs": "x" * 100_001}, 413, "over the limit", None),
+    ("/v1/nothing", {"inputs": "x"}, 404, "no route /v1/nothing", None),
+    ("/nowhere", {}, 404, "no route /nowhere", None),
 ])
-def test_every_error_has_one_shape(server, route, body, status, message):
+def test_every_error_has_one_shape(server, route, body, status, message, param):
+    """OpenAI's error object on every route: {"error": {"message", "type", "param", "code"}}, with 400 for
+    every invalid request (once 422) and param naming the field at fault."""
     answer = post(server, route, body)
     assert answer.status_code == status, answer.text
-    assert answer.json()["error"]["code"] == status and message in answer.json()["error"]["message"]
+    error = answer.json()["error"]
+    assert error.keys() == {"message", "type", "param", "code"}
+    assert error["code"] == status and message in error["message"] and error["param"] == param
+    assert error["type"] == {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}[status]
     wrong_method = requests.get(server[0] + "/v1/classify", timeout=10)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == 405
     unknown = requests.get(server[0] + "/v1/nope", timeout=10)  # no such route, whatever the method
-    assert unknown.status_code == 404 and unknown.json()["error"] == {"message": "no route /v1/nope", "code": 404}
+    assert unknown.status_code == 404 and unknown.json()["error"] == {
+        "message": "no route /v1/nope", "type": "not_found_error", "param": None, "code": 404}
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])
 def test_api_key_is_required(server, key):
     answer = post(server, "/v1/classify", {"inputs": "hello"}, key=key)
     assert answer.status_code == 401 and "API key" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["type"] == "authentication_error"
 
 
 def test_concurrent_clients_are_batched(server):
@@ -356,7 +563,7 @@ def test_replicas_log_json_lines_as_serve_config_says_and_no_batch_size_warning(
     try:
         answer = requests.post(base + "/v1/generate", json={"inputs": ""}, headers={"Authorization": f"Bearer {KEY}"},
                                timeout=60)
-        assert answer.status_code in (200, 422)
+        assert answer.status_code in (200, 400)
         logs = list((Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve").glob(
             "replica_jsonlogs_BloomEndpoint_*.log"))
         lines = [line for path in logs for line in path.read_text().splitlines() if line.strip()]
