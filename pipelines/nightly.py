@@ -48,7 +48,7 @@ from bloom.config import write_atomic
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files, parts_by_source, source_id
 from .corpus import plan as plan_corpus
-from .label import JobFailed, check_checkpoint, error_problems, required_columns, run_label_job
+from .label import JobFailed, check_checkpoint, error_problems, plan_label_job, required_columns, run_label_job
 from .replica import output_fields
 
 logger = logging.getLogger("bloomline")
@@ -180,6 +180,16 @@ def annotator_fingerprints(config: NightlyConfig) -> dict[str, str]:
             raise type(e)(f"annotator {a.name!r}: {e}") from None
         out[a.name] = checked.fingerprint(model_fingerprint(checked.model))
     return out
+
+
+def once(fn: Callable[[], None] | None) -> Callable[[], None]:
+    """`fn` (or nothing) made to run at most once however often it is called."""
+    done = []
+
+    def call():
+        if fn is not None and not done:
+            done.append(fn())
+    return call
 
 
 def combined(fingerprints: dict[str, str]) -> str:
@@ -348,10 +358,11 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
 
 
 def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerprints: dict, run_id: str, root: Path,
-                     ledger: dict, runs: dict):
+                     ledger: dict, runs: dict, connect: Callable[[], None] = lambda: None):
     """Label the partitions `keys` with one Ray Data run per annotator over all of them (one model load
-    each), resuming a killed run's work, then publish each partition whole. Yields (key, ledger entry),
-    or (key, exception) for a partition that failed; the others go on. Fills `runs`: annotator ->
+    each), resuming a killed run's work, then publish each partition whole. `connect` (start or join
+    Ray) is called before the first annotator run with rows to label, never when none has. Yields
+    (key, ledger entry), or (key, exception) for a partition that failed; the others go on. Fills `runs`: annotator ->
     {partitions, rows, rows_labeled, seconds} of its run.
 
     An annotator is not run again for a partition whose ledger entry holds its fingerprint for the same
@@ -383,7 +394,10 @@ def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerp
         label = dataclasses.replace(config.label_config(a, files, str(path)), max_errored_rows=None,
                                     max_errored_fraction=None)
         try:
-            report = run_label_job(label)
+            planned = plan_label_job(label)
+            if not planned.finished:
+                connect()
+            report = run_label_job(label, planned)
         except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
             for key in mine:
                 failed.setdefault(key, e)
@@ -450,8 +464,9 @@ def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict) -> dict:
 def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[[], None] | None = None) -> dict:
     """Label the new and changed partitions; returns the run report (also in <output>/_report.json).
 
-    connect: called once the output's lock is held and before any labeling (not on a dry run), e.g.
-    to start or join Ray, so that a run that finds the lock held starts nothing.
+    connect: called once, with the output's lock held, before the first labeling that needs a cluster
+    (never on a dry run, nor when nothing needs labeling), e.g. to start or join Ray: a run that finds
+    the lock held, bad input or nothing to do starts nothing.
     Raises LockHeld when another run holds the output, ValueError / FileNotFoundError for a bad
     config before any work. A partition that fails is reported and left as it was (the others go on);
     the report's status is then "failed"."""
@@ -460,8 +475,6 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
     fingerprints = annotator_fingerprints(config)
     started = time.time()
     with output_lock(root, config.lock_wait, run_id):
-        if connect is not None and not dry_run:
-            connect()
         ledger = read_ledger(root)
         notes = recover(root, ledger)
         if notes:
@@ -472,7 +485,7 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
                   "published": [], "failed": {}, "pruned": [], "rows_labeled": 0, "annotator_runs": {}}
         if not dry_run:
             for key, entry in label_partitions(config, sorted(plan["new"] + plan["changed"]), plan, fingerprints,
-                                               run_id, root, ledger, report["annotator_runs"]):
+                                               run_id, root, ledger, report["annotator_runs"], once(connect)):
                 if isinstance(entry, Exception):
                     logger.error("partition %s failed: %s", key, entry)
                     report["failed"][key] = f"{type(entry).__name__}: {entry}"
