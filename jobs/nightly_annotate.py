@@ -83,6 +83,9 @@ def main(argv=None) -> int:
         relabeled = [n for n in names if n not in reused]
         print(f"published {item['partition']}: {item['rows']} rows, errored {item['errored_rows']}; "
               f"relabeled: {', '.join(relabeled) or 'none'}; reused: {', '.join(reused) or 'none'}")
+    if report.get("recast"):
+        print(f"recast {len(report['recast'])} published partition(s) to the id / kept column types all partitions "
+              f"now share: {', '.join(report['recast'])}")
     for key, why in report["failed"].items():
         print(f"FAILED {key}: {why}", file=sys.stderr)
     print(json.dumps({k: report[k] for k in ("status", "run_id", "rows_labeled")}
