@@ -23,7 +23,8 @@ from pipelines.config import TASKS, LabelConfig
 
 FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--input", "input", "list", "Parquet files, directories or globs (local, s3://, gs://); default: the demo corpus"),
-    ("--output", "output", str, "output directory for Parquet parts and _report.json; default: demo/out-<task>"),
+    ("--output", "output", str, "output directory for Parquet parts and _report.json; default: demo/out-<task> "
+                                "with the demo checkpoint, demo/out-<task>-<model directory name> with another"),
     ("--model", "model", str, "checkpoint directory or hub id; default: a tiny demo checkpoint for the task"),
     ("--text-column", "text_column", str, "column with the text to label (default: text)"),
     ("--id-column", "id_column", str, "column copied to the output to identify rows (default: id)"),
@@ -85,7 +86,9 @@ def parse_args(argv=None) -> tuple[LabelConfig, argparse.Namespace]:
 
 
 def with_demo_defaults(config: LabelConfig) -> LabelConfig:
-    """Fill in the demo checkpoint, corpus and output for whatever was not given."""
+    """Fill in the demo checkpoint, corpus and output for whatever was not given. The default output is
+    named after the model when it is not the demo's, so that labeling the demo corpus with another
+    checkpoint does not collide with the demo's own output (which would be refused)."""
     from pipelines.demo import DEMO_ROOT, demo_checkpoint, demo_corpus
 
     changes = {}
@@ -94,7 +97,8 @@ def with_demo_defaults(config: LabelConfig) -> LabelConfig:
     if not config.input:
         changes["input"] = [str(demo_corpus())]
     if not config.output:
-        changes["output"] = str(DEMO_ROOT / f"out-{config.task}")
+        suffix = "" if not config.model else "-" + (Path(config.model.rstrip("/")).name or "model")
+        changes["output"] = str(DEMO_ROOT / f"out-{config.task}{suffix}")
     return dataclasses.replace(config, **changes) if changes else config
 
 
