@@ -2,8 +2,9 @@
 
 On a cluster:  ray job submit --working-dir . -- python jobs/nightly_annotate.py --config nightly.yaml
 On a laptop:   python jobs/nightly_annotate.py --config nightly.yaml        (a local Ray of its own)
-Joins a cluster only when --address or RAY_ADDRESS names one; starts Ray only when a partition needs labeling.
 A demo:        python jobs/nightly_annotate.py       (no --config: demo partitions and checkpoints)
+Joins a cluster only when --address or RAY_ADDRESS names one, and starts or joins Ray only when a
+partition needs labeling.
 
 The YAML names the corpus root (partition directories such as date=2026-11-23/), the output root
 and the annotators (name, task, model and any labeling setting); see deploy/nightly.yaml. Each

@@ -501,8 +501,8 @@ def column_types(config: NightlyConfig, plan: dict, root: Path) -> dict[str, pa.
     for c, by_type in seen.items():
         unified = unified_type(list(by_type))
         if unified is None:
-            clashes.append(f"column {c!r} is " + "; ".join(f"{t} in {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
-                                                         for t, keys in by_type.items()))
+            clashes.append(f"column {c!r} is " + "; ".join(
+                f"{t} in {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "") for t, keys in by_type.items()))
         elif by_type:
             out[c] = unified
     if clashes:
