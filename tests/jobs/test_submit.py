@@ -101,6 +101,7 @@ def test_ray_job_submit_labels_the_corpus(head, tmp_path):
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
     assert "succeeded" in submitted.stdout + submitted.stderr
     assert "classify: 30/30 rows" in submitted.stdout
+    assert "joined the Ray cluster at " in submitted.stdout  # the submitted job joins, and says so
     table = pads.dataset(str(out), format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in corpus_rows(30))
     assert table.column("error").null_count == 30
