@@ -168,3 +168,17 @@ def test_bad_input_is_found_before_ray_starts(model, tmp_path):
         assert done.returncode == 2 and why in done.stderr, done.stderr[-3000:]
         assert len(done.stderr.strip().splitlines()) == 1 and RAY_STARTED not in done.stdout + done.stderr
     assert not (tmp_path / "rt").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_cluster_to_join_is_the_users_choice(monkeypatch):
+    from pipelines import RayUnavailable, cluster_address, wait_reachable
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) is None and cluster_address(None, 2) is None  # a local Ray of its own
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address(None) == "10.0.0.1:6379" and cluster_address("10.0.0.2:6379") == "10.0.0.2:6379"
+    assert cluster_address("local") is None  # the flag wins over the environment
+    with pytest.raises(ValueError, match="--ray-num-cpus sizes a local Ray"):
+        cluster_address(None, 2)
+    with pytest.raises(RayUnavailable, match="dashboard address"):
+        wait_reachable("http://127.0.0.1:8265", 1)
