@@ -391,14 +391,14 @@ def test_partitions_with_int_and_string_ids_read_as_one_table(ray_cluster, check
     write_corpus(corpus / "date=2026-11-03", [dict(r, id=10 + i) for i, r in enumerate(rows[6:])], files=1)
     labels_before = pq.read_table(out / "date=2026-11-01").column("topic_label").to_pylist()
     report = run_nightly(cfg)
-    assert report["status"] == "succeeded" and report["recast"] == ["date=2026-11-01"]
-    assert report["rows_labeled"] == 4  # only the new partitions were labeled
     want = ["0", "1", "2", "3", "l600", "l601", "10", "11"]
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
     assert table.schema.field("id").type == pa.string() and sorted(table.column("id").to_pylist()) == sorted(want)
     assert table.num_rows == 8 and table.column("topic_label").null_count == 0
     duck = duckdb.sql(f"select id, topic_label from read_parquet('{out}/**/*.parquet', hive_partitioning=true)").fetchall()
     assert sorted(i for i, _ in duck) == sorted(want)
+    assert report["status"] == "succeeded" and report["recast"] == ["date=2026-11-01"]
+    assert report["rows_labeled"] == 4  # only the new partitions were labeled
     assert pq.read_table(out / "date=2026-11-01").column("topic_label").to_pylist() == labels_before
     ledger = read_ledger(out)["partitions"]
     assert ledger == {p.parent.name: json.loads(p.read_text()) for p in out.glob("date=*/" + MANIFEST)}
