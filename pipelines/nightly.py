@@ -366,8 +366,8 @@ def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerp
     """Label the partitions `keys` with one Ray Data run per annotator over all of them (one model load
     each), resuming a killed run's work, then publish each partition whole. `connect` (start or join
     Ray) is called before the first annotator run with rows to label, never when none has. Yields
-    (key, ledger entry), or (key, exception) for a partition that failed; the others go on. Fills `runs`: annotator ->
-    {partitions, rows, rows_labeled, seconds} of its run.
+    (key, ledger entry), or (key, exception) for a partition that failed; the others go on. Fills
+    `runs`: annotator -> {partitions, rows, rows_labeled, seconds} of its run.
 
     An annotator is not run again for a partition whose ledger entry holds its fingerprint for the same
     input: its published columns are kept."""
