@@ -3,7 +3,9 @@
 On a cluster:   ray job submit --working-dir . -- python jobs/label_corpus.py --task ner --model /models/x --input s3://b/in --output s3://b/out
 On a laptop:    python jobs/label_corpus.py --task ner          (demo checkpoint and corpus, local Ray)
 
-Joins the Ray cluster when RAY_ADDRESS is set (as under `ray job submit`), else starts local Ray.
+Joins the Ray cluster named by --address or RAY_ADDRESS (as under `ray job submit`), else starts a local
+Ray of its own (never one that `ray start` left on the machine). Bad input and a finished output are
+found before Ray starts; a rerun of a finished job starts no Ray.
 A killed run, rerun with the same arguments, resumes; every input row is written exactly once.
 Settings come from --config FILE (YAML, any LabelConfig field) and the flags below, which win.
 """
@@ -16,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from pipelines import RAY_FLAGS, add_ray_flags
 from pipelines.config import TASKS, LabelConfig
 
 FLAGS = [  # (flag, LabelConfig field, type, help)
     ("--input", "input", "list", "Parquet files, directories or globs (local, s3://, gs://); default: the demo corpus"),
-    ("--output", "output", str, "output directory for Parquet parts and _report.json; default: demo/out-<task>"),
+    ("--output", "output", str, "output directory for Parquet parts and _report.json; default: demo/out-<task> "
+                                "with the demo checkpoint, demo/out-<task>-<model directory name> with another"),
     ("--model", "model", str, "checkpoint directory or hub id; default: a tiny demo checkpoint for the task"),
     ("--text-column", "text_column", str, "column with the text to label (default: text)"),
     ("--id-column", "id_column", str, "column copied to the output to identify rows (default: id)"),
@@ -91,15 +95,17 @@ def parse_args(argv=None) -> tuple[LabelConfig, argparse.Namespace]:
             p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     p.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="generate: sample instead of greedy")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace an output written with other settings")
-    p.add_argument("--ray-num-cpus", type=int, help="local Ray only: CPUs to give it (default: all)")
+    add_ray_flags(p)
     args = p.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "ray_num_cpus")}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", *RAY_FLAGS)}
     config = LabelConfig.from_yaml(args.config, **flags) if args.config else LabelConfig.from_dict(flags)
     return config, args
 
 
 def with_demo_defaults(config: LabelConfig) -> LabelConfig:
-    """Fill in the demo checkpoint, corpus and output for whatever was not given."""
+    """Fill in the demo checkpoint, corpus and output for whatever was not given. The default output is
+    named after the model when it is not the demo's, so that labeling the demo corpus with another
+    checkpoint does not collide with the demo's own output (which would be refused)."""
     from pipelines.demo import DEMO_ROOT, demo_checkpoint, demo_corpus
 
     changes = {}
@@ -108,25 +114,25 @@ def with_demo_defaults(config: LabelConfig) -> LabelConfig:
     if not config.input:
         changes["input"] = [str(demo_corpus())]
     if not config.output:
-        changes["output"] = str(DEMO_ROOT / f"out-{config.task}")
+        suffix = "" if not config.model else "-" + (Path(config.model.rstrip("/")).name or "model")
+        changes["output"] = str(DEMO_ROOT / f"out-{config.task}{suffix}")
     return dataclasses.replace(config, **changes) if changes else config
 
 
 def main(argv=None) -> int:
-    from pipelines.label import JobFailed, check_job, run_label_job
+    from pipelines import RayUnavailable, cluster_address, init_ray
+    from pipelines.label import JobFailed, plan_label_job, run_label_job
 
     try:
         config, args = parse_args(argv)
-        config = check_job(with_demo_defaults(config))  # before Ray starts: a bad setting costs nothing
-    except (ValueError, FileNotFoundError) as e:
-        print(f"label_corpus: {e}", file=sys.stderr)
-        return 2
-    from pipelines import init_ray
-
-    init_ray(args.ray_num_cpus)
-    try:
-        report = run_label_job(config)
-    except (ValueError, FileNotFoundError) as e:
+        cluster_address(args.address, args.ray_num_cpus)  # --ray-num-cpus with a cluster to join: refused now
+        # Before Ray starts: a bad setting, model or input costs nothing, and a finished output needs no Ray.
+        planned = plan_label_job(with_demo_defaults(config))
+        config = planned.config
+        if not planned.finished:
+            print(init_ray(args.ray_num_cpus, args.address, args.ray_connect_timeout), file=sys.stderr, flush=True)
+        report = run_label_job(config, planned)
+    except (ValueError, FileNotFoundError, RayUnavailable) as e:
         print(f"label_corpus: {e}", file=sys.stderr)
         return 2
     except JobFailed as e:

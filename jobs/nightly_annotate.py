@@ -1,8 +1,10 @@
 """Annotate the partitions of a corpus that are new or changed since the last successful run.
 
 On a cluster:  ray job submit --working-dir . -- python jobs/nightly_annotate.py --config nightly.yaml
-On a laptop:   python jobs/nightly_annotate.py --config nightly.yaml        (local Ray)
+On a laptop:   python jobs/nightly_annotate.py --config nightly.yaml        (a local Ray of its own)
 A demo:        python jobs/nightly_annotate.py       (no --config: demo partitions and checkpoints)
+Joins a cluster only when --address or RAY_ADDRESS names one, and starts or joins Ray only when a
+partition needs labeling.
 
 The YAML names the corpus root (partition directories such as date=2026-11-23/), the output root
 and the annotators (name, task, model and any labeling setting); see deploy/nightly.yaml. Each
@@ -19,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipelines import RayUnavailable, add_ray_flags, cluster_address
 from pipelines.nightly import LockHeld, NightlyConfig
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
@@ -32,10 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--wait", type=float, dest="lock_wait", help="seconds to wait for a running job's lock (default 0)")
     p.add_argument("--prune", action="store_const", const=True, help="unpublish partitions deleted from the corpus")
     p.add_argument("--dry-run", action="store_true", help="print what would be labeled, label nothing")
-    p.add_argument("--ray-num-cpus", type=int, help="local Ray only: CPUs to give it (default: all)")
+    add_ray_flags(p)
     args = p.parse_args(argv)
     overrides = {k: v for k in ("corpus", "output", "lock_wait", "prune") if (v := getattr(args, k)) is not None}
     try:
+        cluster_address(args.address, args.ray_num_cpus)  # --ray-num-cpus with a cluster to join: refused now
         if args.config is None:
             from pipelines.demo import demo_nightly
 
@@ -53,12 +57,15 @@ def main(argv=None) -> int:
         print(f"nightly_annotate: {e}", file=sys.stderr)
         return 2
 
-    try:  # Ray starts only once the output's lock is held: a run that finds it held exits at once
-        report = run_nightly(config, dry_run=args.dry_run, connect=lambda: init_ray(args.ray_num_cpus))
+    def connect():
+        print(init_ray(args.ray_num_cpus, args.address, args.ray_connect_timeout), file=sys.stderr, flush=True)
+
+    try:  # Ray starts only once the output's lock is held and a partition needs labeling
+        report = run_nightly(config, dry_run=args.dry_run, connect=connect)
     except LockHeld as e:
         print(f"nightly_annotate: {e}; not running", file=sys.stderr)
         return EXIT_LOCKED
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RayUnavailable) as e:
         print(f"nightly_annotate: {e}", file=sys.stderr)
         return 2
     for note in report["notes"]:
@@ -77,6 +84,9 @@ def main(argv=None) -> int:
         relabeled = [n for n in names if n not in reused]
         print(f"published {item['partition']}: {item['rows']} rows, errored {item['errored_rows']}; "
               f"relabeled: {', '.join(relabeled) or 'none'}; reused: {', '.join(reused) or 'none'}")
+    if report.get("recast"):
+        print(f"recast {len(report['recast'])} published partition(s) to the id / kept column types all partitions "
+              f"now share: {', '.join(report['recast'])}")
     for key, why in report["failed"].items():
         print(f"FAILED {key}: {why}", file=sys.stderr)
     print(json.dumps({k: report[k] for k in ("status", "run_id", "rows_labeled")}

@@ -3,8 +3,8 @@
     python jobs/serve_bloom.py                     # demo checkpoints, http://127.0.0.1:8000
     python jobs/serve_bloom.py --config my.yaml --port 9000
 
-Joins the cluster in RAY_ADDRESS if set, else starts local Ray. Demo checkpoints named in the config
-(demo/tiny-bloom-<task>) are built first if absent. `serve run serve_config.yaml` does the same for
+Joins the cluster named by --address or RAY_ADDRESS, else starts a local Ray of its own. Demo
+checkpoints named in the config (demo/tiny-bloom-<task>) are built first if absent. `serve run serve_config.yaml` does the same for
 configs that name existing checkpoints. Ctrl-C (SIGINT) or SIGTERM stops the endpoint, its replicas
 and the local Ray cleanly, also when started in the background.
 """
@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pipelines import RayUnavailable, add_ray_flags, cluster_address, init_ray
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: serve_config.yaml and demo/
 
 
@@ -22,7 +24,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml", help="Serve config YAML")
     p.add_argument("--host", help="address to bind (default: the config's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: the config's, 8000)")
+    add_ray_flags(p)
     args = p.parse_args(argv)
+    try:
+        cluster_address(args.address, args.ray_num_cpus)  # --ray-num-cpus with a cluster to join: refused now
+    except ValueError as e:
+        print(f"serve_bloom: {e}", file=sys.stderr)
+        return 2
 
     import yaml
 
@@ -38,10 +46,13 @@ def main(argv=None) -> int:
         settings["model"] = str(model)
     from ray import serve
 
-    from pipelines import init_ray
     from pipelines.serve import app_from_config
 
-    init_ray()
+    try:
+        print(init_ray(args.ray_num_cpus, args.address, args.ray_connect_timeout), file=sys.stderr, flush=True)
+    except RayUnavailable as e:
+        print(f"serve_bloom: {e}", file=sys.stderr)
+        return 2
     # SIGINT and SIGTERM both stop it cleanly: a shell starts a background job with SIGINT ignored, and
     # `docker stop` / Kubernetes send SIGTERM (which Ray's own handler would answer with a stack dump).
     for sig in (signal.SIGINT, signal.SIGTERM):

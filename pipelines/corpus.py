@@ -308,6 +308,16 @@ def part_name(source: str, first: int, rows: int, errored: int, tokens: int) -> 
     return f"part-{source_id(source)}-{first:012d}-{rows}-e{errored}-t{tokens}.parquet"
 
 
+# A number standing alone (sizes, positions, limits), not one inside a name such as UTF-8, int8 or bloom-560m.
+_NUMBER = re.compile(r"(?<![\w.])(?<!\w-)\d+(?:\.\d+)?(?![\w.-]*\w)")
+
+
+def reason(error: str) -> str:
+    """An error's text with the numbers that vary from row to row as N, so that rows failing the same
+    way share one reason: "text is 5000 tokens, over 1024" -> "text is N tokens, over N"."""
+    return _NUMBER.sub("N", error)
+
+
 def error_reasons(batch: pa.Table, id_column: str | None, samples: int = 3) -> dict:
     """Errored rows of a batch by reason (the error's text with its numbers as N): {reason: [rows, [ids]]}."""
     out: dict[str, list] = {}
@@ -315,7 +325,7 @@ def error_reasons(batch: pa.Table, id_column: str | None, samples: int = 3) -> d
     ids = batch.column(id_column).to_pylist() if id_column in batch.column_names else [None] * len(errors)
     for error, row_id in zip(errors, ids):
         if error is not None:
-            entry = out.setdefault(re.sub(r"\d+", "N", error), [0, []])
+            entry = out.setdefault(reason(error), [0, []])
             entry[0] += 1
             if len(entry[1]) < samples:
                 entry[1].append(str(row_id))

@@ -22,7 +22,7 @@ import bloom
 from bloom.engine import kv_bytes_per_token
 
 from .config import LabelConfig, model_fingerprint
-from .corpus import (check_output, delete_files, filesystem, list_input_files, list_parts, merge_reasons, pending,
+from .corpus import (CorpusPlan, check_output, delete_files, filesystem, list_input_files, list_parts, merge_reasons, pending,
                      plan, read_row_groups, scan_output, verify, write_part)
 from .replica import BloomReplica, check_model
 from .tasks import TASKS
@@ -292,38 +292,85 @@ def _earlier_runs(fs, path: str) -> list[dict]:
     return [before, *(history if isinstance(history, list) else [])][:EARLIER_RUNS]
 
 
-def run_label_job(config: LabelConfig) -> dict:
-    """Label config.input into config.output on the Ray cluster this process is connected to.
+@dataclasses.dataclass
+class LabelPlan:
+    """What `plan_label_job` found without a cluster: the checked config, the input files and their
+    units, the run's fingerprint, and whether the output already holds every row with these settings."""
+
+    config: LabelConfig
+    files: list[str]
+    corpus: CorpusPlan
+    model_id: str
+    fingerprint: str
+    finished: bool
+
+
+def plan_label_job(config: LabelConfig) -> LabelPlan:
+    """Every check that needs no Ray, reading footers and listings only and writing nothing: the model,
+    the inputs (missing paths, unreadable Parquet, missing columns, clashing types), the output's
+    store, and whether a run is needed at all. So a job finds bad input before it starts Ray, and a
+    rerun of a finished job starts none. FileNotFoundError / ValueError in one line."""
+    config = check_job(config)
+    files = list_input_files(config.input)
+    passthrough = [c for c in dict.fromkeys([config.id_column, *config.keep_columns]) if c not in text_columns(config)]
+    corpus = plan(files, required_columns(config), passthrough)
+    model_id = model_fingerprint(config.model)
+    fingerprint = config.fingerprint(model_id)
+    check_output(config.output)
+    return LabelPlan(config, files, corpus, model_id, fingerprint, _finished(config, fingerprint, corpus))
+
+
+def _finished(config: LabelConfig, fingerprint: str, corpus: CorpusPlan) -> bool:
+    """The output was written with these settings and column types and holds every unit's rows once."""
+    if config.overwrite:
+        return False
+    fs, root = filesystem(config.output)
+    try:
+        with fs.open_input_stream(f"{root}/{RUN_FILE}") as f:
+            previous = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    columns = {c: str(t) for c, t in corpus.types.items()}
+    if not isinstance(previous, dict) or previous.get("fingerprint") != fingerprint \
+            or previous.get("columns", columns) != columns:
+        return False
+    state = scan_output(config.output, clean=False)
+    return not state.overlaps and not pending(corpus.units, state)
+
+
+def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict:
+    """Label config.input into config.output on the Ray cluster this process is connected to (none is
+    needed when `planned`, from `plan_label_job(config)`, says the output is finished).
 
     Returns the run report (also written to <output>/_report.json). Raises FileNotFoundError /
     ValueError before any work for bad models, inputs, columns or outputs, and JobFailed when the
     errored rows pass the configured threshold (the labeled rows are kept)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     start = time.time()
-    config = check_job(config)
-    check_cache_fits(config, [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")])
-    files = list_input_files(config.input)
-    passthrough = [c for c in dict.fromkeys([config.id_column, *config.keep_columns]) if c not in text_columns(config)]
-    corpus = plan(files, required_columns(config), passthrough)
+    planned = planned or plan_label_job(config)
+    config, files, corpus, model_id, fingerprint = (planned.config, planned.files, planned.corpus, planned.model_id,
+                                                    planned.fingerprint)
     rows_in = corpus.rows
-    model_id = model_fingerprint(config.model)
-    fingerprint = config.fingerprint(model_id)
-    check_output(config.output)
-    _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()}, model_id)
-    state = scan_output(config.output)
-    if state.overlaps:
-        _repair(config.output, state)
-        state = scan_output(config.output)
-    todo = pending(corpus.units, state)
-    del state  # only the units left to label are needed from here on
+    todo, pool = [], None
+    if not planned.finished:
+        import ray
 
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
+        check_cache_fits(config, [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")])
+        _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()}, model_id)
+        state = scan_output(config.output)
+        if state.overlaps:
+            _repair(config.output, state)
+            state = scan_output(config.output)
+        todo = pending(corpus.units, state)
+        del state  # only the units left to label are needed from here on
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
+
     run_rows = run_tokens = generated = steps = 0
     errors: dict[str, list] = {}
     if todo:
+        import ray
+        from ray.data import ActorPoolStrategy
+
         logger.info("labeling %d units (row groups or slices) with %s", len(todo), pool)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0.25,

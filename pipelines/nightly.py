@@ -46,9 +46,9 @@ import pyarrow.parquet as pq
 from bloom.config import write_atomic
 
 from .config import LabelConfig, model_fingerprint, yaml_settings
-from .corpus import list_input_files, parts_by_source, source_id
+from .corpus import list_input_files, parts_by_source, source_id, unified_type
 from .corpus import plan as plan_corpus
-from .label import JobFailed, check_checkpoint, error_problems, required_columns, run_label_job
+from .label import JobFailed, check_checkpoint, error_problems, plan_label_job, required_columns, run_label_job
 from .replica import output_fields
 
 logger = logging.getLogger("bloomline")
@@ -182,6 +182,16 @@ def annotator_fingerprints(config: NightlyConfig) -> dict[str, str]:
     return out
 
 
+def once(fn: Callable[[], None] | None) -> Callable[[], None]:
+    """`fn` (or nothing) made to run at most once however often it is called."""
+    done = []
+
+    def call():
+        if fn is not None and not done:
+            done.append(fn())
+    return call
+
+
 def combined(fingerprints: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()
 
@@ -294,28 +304,32 @@ def recover(root: Path, ledger: dict) -> list[str]:
 
 # -------------------------------------------------------------------------------------- the work
 
-def published_schema(config: NightlyConfig, input_schema: pa.Schema) -> pa.Schema:
-    fields = [input_schema.field(c) for c in [config.id_column, *config.keep_columns]]
+def published_schema(config: NightlyConfig, input_schema: pa.Schema, types: dict[str, pa.DataType]) -> pa.Schema:
+    """A published file's schema: the id and kept columns with the types every partition shares
+    (`types`, from `column_types`), then each annotator's columns."""
+    fields = [input_schema.field(c).with_type(types.get(c, input_schema.field(c).type))
+              for c in dict.fromkeys([config.id_column, *config.keep_columns])]
     for a in config.annotators:
         fields += [pa.field(f"{a.name}_{f.name}", f.type) for f in output_fields(a.task)]
     return pa.schema(fields)
 
 
 def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str], reused: Path | None,
-             staged: Path, limits: dict[str, LabelConfig]) -> dict:
+             staged: Path, limits: dict[str, LabelConfig], types: dict[str, pa.DataType]) -> dict:
     """Join the annotators' outputs row by row into one published file per input file, in input order.
 
     work: annotator name -> its labeling output (covering this partition's files among others); the
     other annotators' columns are taken from the published partition `reused` (same input, same
     annotator fingerprint: the same values). limits: annotator -> the config whose errored-row
-    thresholds apply to this partition; JobFailed when one is passed."""
+    thresholds apply to this partition; JobFailed when one is passed. types: the id and kept columns'
+    types across partitions (`column_types`)."""
     staged.mkdir(parents=True)
     parts = {name: parts_by_source(path) for name, path in work.items()}
     rows = 0
     errored = {a.name: 0 for a in config.annotators}
     for uri in files:
         rel = os.path.relpath(uri, directory)
-        schema = published_schema(config, pq.read_schema(uri))
+        schema = published_schema(config, pq.read_schema(uri), types)
         columns, count = {}, None
         for a in config.annotators:
             names = [f.name for f in output_fields(a.task)]
@@ -348,11 +362,12 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
 
 
 def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerprints: dict, run_id: str, root: Path,
-                     ledger: dict, runs: dict):
+                     ledger: dict, runs: dict, connect: Callable[[], None] = lambda: None):
     """Label the partitions `keys` with one Ray Data run per annotator over all of them (one model load
-    each), resuming a killed run's work, then publish each partition whole. Yields (key, ledger entry),
-    or (key, exception) for a partition that failed; the others go on. Fills `runs`: annotator ->
-    {partitions, rows, rows_labeled, seconds} of its run.
+    each), resuming a killed run's work, then publish each partition whole. `connect` (start or join
+    Ray) is called before the first annotator run with rows to label, never when none has. Yields
+    (key, ledger entry), or (key, exception) for a partition that failed; the others go on. Fills
+    `runs`: annotator -> {partitions, rows, rows_labeled, seconds} of its run.
 
     An annotator is not run again for a partition whose ledger entry holds its fingerprint for the same
     input: its published columns are kept."""
@@ -383,7 +398,10 @@ def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerp
         label = dataclasses.replace(config.label_config(a, files, str(path)), max_errored_rows=None,
                                     max_errored_fraction=None)
         try:
-            report = run_label_job(label)
+            planned = plan_label_job(label)
+            if not planned.finished:
+                connect()
+            report = run_label_job(label, planned)
         except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
             for key in mine:
                 failed.setdefault(key, e)
@@ -420,7 +438,8 @@ def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints:
     staged = root / "_staging" / run_id / quote(key, safe="=")  # one path component
     entry = {"partition": key, "input_fingerprint": in_fp, "annotator_fingerprint": combined(fingerprints),
              "annotators": dict(fingerprints), "files": len(files), "run_id": run_id}
-    entry.update(assemble(config, directory, files, work, root / key if reused else None, staged, limits))
+    entry.update(assemble(config, directory, files, work, root / key if reused else None, staged, limits,
+                          plan["types"]))
     entry["published_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(staged / MANIFEST, entry)
     publish(staged, root / key)
@@ -428,8 +447,9 @@ def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints:
     return entry
 
 
-def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict) -> dict:
-    """Which partitions are new, changed (input or annotators), unchanged, or gone from the corpus."""
+def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict, root: Path) -> dict:
+    """Which partitions are new, changed (input or annotators), unchanged, or gone from the corpus, and
+    the types of the id / kept columns across them (`column_types`)."""
     partitions = find_partitions(config)
     want = combined(fingerprints)
     plan = {"new": [], "changed": [], "unchanged": [], "deleted": sorted(set(ledger["partitions"]) - set(partitions)),
@@ -444,14 +464,81 @@ def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict) -> dict:
             plan["unchanged"].append(key)
         else:
             plan["changed"].append(key)
+    plan["types"] = column_types(config, plan, root)
     return plan
+
+
+def _published_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*.parquet") if not p.name.startswith(("_", ".")))
+
+
+def _schema_types(schema: pa.Schema, columns: list[str]) -> dict[str, pa.DataType]:
+    return {c: schema.field(c).type for c in columns if c in schema.names}
+
+
+def column_types(config: NightlyConfig, plan: dict, root: Path) -> dict[str, pa.DataType]:
+    """The one type each id / kept column gets in every published partition, so that the output reads
+    as one table (hive partitioning, DuckDB): unified as the labeling job unifies files (`unified_type`:
+    17 and "l299" become strings) over every partition's input files (footers only) and the published
+    partitions whose input is gone. A partition whose files cannot be read is left out here (it fails
+    alone later). ValueError naming the partitions when a column's types cannot be unified."""
+    columns = list(dict.fromkeys([config.id_column, *config.keep_columns]))
+    seen: dict[str, dict[pa.DataType, list[str]]] = {c: {} for c in columns}  # column -> type -> partitions
+    sources = {key: files for key, (files, _) in plan["inputs"].items()}
+    if not config.prune:  # partitions gone from the corpus stay published unless pruned
+        sources.update({key: _published_files(root / key)[:1] for key in plan["deleted"] if (root / key).is_dir()})
+    for key, files in sources.items():
+        for path in files:
+            try:
+                types = _schema_types(pq.read_schema(path), columns)
+            except (OSError, pa.ArrowException):
+                continue
+            for c, t in types.items():
+                keys = seen[c].setdefault(t, [])
+                if key not in keys:
+                    keys.append(key)
+    out, clashes = {}, []
+    for c, by_type in seen.items():
+        unified = unified_type(list(by_type))
+        if unified is None:
+            clashes.append(f"column {c!r} is " + "; ".join(
+                f"{t} in {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "") for t, keys in by_type.items()))
+        elif by_type:
+            out[c] = unified
+    if clashes:
+        raise ValueError("partitions disagree on the types of the id / kept columns, and the output would not read "
+                         "as one table: " + ". ".join(clashes))
+    return out
+
+
+def recast_partition(root: Path, key: str, types: dict[str, pa.DataType], run_id: str) -> bool:
+    """Republish the published partition `key` with its id / kept columns cast to `types` (a partition
+    published before other partitions widened them); False when it has them already. Its labels and
+    manifest are kept as they are."""
+    files = _published_files(root / key)
+
+    def differs(path: Path) -> bool:
+        return any(types[c] != t for c, t in _schema_types(pq.read_schema(path), list(types)).items())
+
+    if not any(differs(f) for f in files):
+        return False
+    staged = root / "_staging" / run_id / quote(key, safe="=")
+    shutil.rmtree(staged, ignore_errors=True)  # what a failed assembly of this partition left this run
+    shutil.copytree(root / key, staged)
+    for path in _published_files(staged):
+        table = pq.read_table(path)
+        schema = pa.schema([f.with_type(types.get(f.name, f.type)) for f in table.schema])
+        pq.write_table(table.cast(schema), path)
+    publish(staged, root / key)
+    return True
 
 
 def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[[], None] | None = None) -> dict:
     """Label the new and changed partitions; returns the run report (also in <output>/_report.json).
 
-    connect: called once the output's lock is held and before any labeling (not on a dry run), e.g.
-    to start or join Ray, so that a run that finds the lock held starts nothing.
+    connect: called once, with the output's lock held, before the first labeling that needs a cluster
+    (never on a dry run, nor when nothing needs labeling), e.g. to start or join Ray: a run that finds
+    the lock held, bad input or nothing to do starts nothing.
     Raises LockHeld when another run holds the output, ValueError / FileNotFoundError for a bad
     config before any work. A partition that fails is reported and left as it was (the others go on);
     the report's status is then "failed"."""
@@ -460,19 +547,17 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
     fingerprints = annotator_fingerprints(config)
     started = time.time()
     with output_lock(root, config.lock_wait, run_id):
-        if connect is not None and not dry_run:
-            connect()
         ledger = read_ledger(root)
         notes = recover(root, ledger)
         if notes:
             write_json_atomic(root / LEDGER, ledger)
-        plan = plan_run(config, ledger, fingerprints)
+        plan = plan_run(config, ledger, fingerprints, root)
         report = {"run_id": run_id, "status": "succeeded", "dry_run": dry_run, "notes": notes,
                   **{k: plan[k] for k in ("new", "changed", "unchanged", "deleted")},
-                  "published": [], "failed": {}, "pruned": [], "rows_labeled": 0, "annotator_runs": {}}
+                  "published": [], "failed": {}, "pruned": [], "recast": [], "rows_labeled": 0, "annotator_runs": {}}
         if not dry_run:
             for key, entry in label_partitions(config, sorted(plan["new"] + plan["changed"]), plan, fingerprints,
-                                               run_id, root, ledger, report["annotator_runs"]):
+                                               run_id, root, ledger, report["annotator_runs"], once(connect)):
                 if isinstance(entry, Exception):
                     logger.error("partition %s failed: %s", key, entry)
                     report["failed"][key] = f"{type(entry).__name__}: {entry}"
@@ -483,6 +568,10 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
                 report["published"].append({"partition": key, "rows": entry["rows"], "errored_rows": entry["errored_rows"],
                                             "seconds": seconds, "reused": reused})
                 report["rows_labeled"] += entry["rows"]
+            done = {item["partition"] for item in report["published"]}
+            for key in sorted(set(ledger["partitions"]) - done):  # published before: give it the shared types
+                if not (config.prune and key in plan["deleted"]) and recast_partition(root, key, plan["types"], run_id):
+                    report["recast"].append(key)
             if config.prune:
                 for key in plan["deleted"]:
                     if (root / key).exists():

@@ -1,9 +1,11 @@
 """jobs/serve_bloom.py as users run it: started in the background, stopped by a signal."""
 
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,48 @@ from bloom.tiny import make_tiny_checkpoint
 from tests.jobs.test_submit import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, body: dict, within: float = 180.0, timeout: float = 10.0) -> None:
+    """Return once `url` answers `body` with 200. Any failure to answer (refused, reset, a first answer
+    slower than the request's timeout on a loaded machine) means "not yet", until `within` seconds
+    have passed or the server exited."""
+    deadline = time.monotonic() + within
+    while True:
+        assert proc.poll() is None, "the endpoint exited before it came up"
+        try:
+            if requests.post(url, json=body, timeout=timeout).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"the endpoint did not come up within {within:g} s"
+        time.sleep(0.5)
+
+
+def test_waiting_for_readiness_survives_a_first_answer_slower_than_the_request_timeout():
+    answered = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            if not answered:
+                time.sleep(1.5)  # the first answer: longer than the client waits (a loaded machine)
+            answered.append(1)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for the server process
+    try:
+        wait_until_serving(idle, f"http://127.0.0.1:{server.server_address[1]}/", {}, within=30, timeout=0.3)
+        assert len(answered) >= 2  # the slow first answer was waited past, not taken as a failure
+    finally:
+        idle.kill()
+        idle.wait()
+        server.shutdown()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -35,16 +79,7 @@ def test_the_endpoint_stops_cleanly_on_sigint_in_the_background_and_on_sigterm(t
                              "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the endpoint did not come up"
-            try:
-                if requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"inputs": "hello"},
-                                 timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1/classify", {"inputs": "hello"})
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:

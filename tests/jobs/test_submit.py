@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -44,9 +45,10 @@ def stop_head(temp_dir: Path) -> None:
                 pass
 
 
-@pytest.fixture(scope="module")
-def head():
-    temp = Path("/tmp") / f"rayhead-{os.getpid()}-{time.time_ns() % 10**8}"  # short: Ray's socket paths are limited
+@contextmanager
+def ray_head(temp: Path):
+    """A Ray head started with `ray start --head` on 127.0.0.1 (2 CPUs) with its files under `temp`,
+    stopped at the end; yields (its dashboard address, the environment its clients need, the ray CLI)."""
     port, dashboard, agent = free_port(), free_port(), free_port()
     # Token authentication is on by default in Ray 2.60: the head and the client must agree, here on "off"
     # (loopback only). The job runs the `python` first on the PATH that `ray start` saw: this venv's.
@@ -61,11 +63,18 @@ def head():
                               f"--dashboard-agent-listen-port={agent}",
                               f"--temp-dir={temp}", "--disable-usage-stats"],
                              env=env, capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stderr[-2000:]
     try:
+        assert started.returncode == 0, started.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}", env, ray_cli
     finally:
         stop_head(temp)
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp = Path("/tmp") / f"rayhead-{os.getpid()}-{time.time_ns() % 10**8}"  # short: Ray's socket paths are limited
+    with ray_head(temp) as started:
+        yield started
 
 
 def submit(command: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -92,6 +101,7 @@ def test_ray_job_submit_labels_the_corpus(head, tmp_path):
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
     assert "succeeded" in submitted.stdout + submitted.stderr
     assert "classify: 30/30 rows" in submitted.stdout
+    assert "joined the Ray cluster at " in submitted.stdout  # the submitted job joins, and says so
     table = pads.dataset(str(out), format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in corpus_rows(30))
     assert table.column("error").null_count == 30

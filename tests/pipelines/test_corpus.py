@@ -110,3 +110,13 @@ def test_resume_and_verification_read_names_only(tmp_path):
     (out / "part-0123.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match="not named by this version"):
         C.scan_output(str(out))
+
+
+def test_error_reasons_group_rows_by_their_numbers_but_keep_names_with_digits():
+    batch = pa.table({"id": ["a", "b", "c"], "error": [
+        "text is not valid UTF-8 (invalid start byte at byte 3)",
+        "text is not valid UTF-8 (invalid start byte at byte 17)",
+        "text has 5000 tokens, over max_input_tokens=1024 (bloom-560m, int8)"]})
+    reasons = C.error_reasons(batch, "id")
+    assert reasons == {"text is not valid UTF-8 (invalid start byte at byte N)": [2, ["a", "b"]],
+                       "text has N tokens, over max_input_tokens=N (bloom-560m, int8)": [1, ["c"]]}

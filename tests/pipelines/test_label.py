@@ -208,9 +208,10 @@ def test_bad_rows_are_reported_per_row_and_nothing_is_lost(ray_cluster, checkpoi
     assert "not valid UTF-8" in out["surrogate"]["error"]
     assert all(out[r["id"]]["error"] is None and out[r["id"]]["label"] for r in good)
     reasons = report["errors_this_run"]  # errored rows by reason, with sample ids
-    assert reasons["text is not a string (got intN)"] == {"rows": 2, "sample_ids": ["n1", "n2"]}
+    assert reasons["text is not a string (got int64)"] == {"rows": 2, "sample_ids": ["n1", "n2"]}
     assert reasons["text has N characters, over the limit of N"] == {"rows": 1, "sample_ids": ["big"]}
     assert sum(r["rows"] for r in reasons.values()) == 6
+    assert any("is not valid UTF-8 (" in reason for reason in reasons)  # a name's digits are not a number
 
 
 def test_progress_line_counts_rows_rate_and_time_left(capsys):

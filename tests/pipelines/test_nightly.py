@@ -376,3 +376,36 @@ def test_a_run_that_finds_the_lock_held_starts_no_ray(tmp_path, checkpoints):
                               env=env, timeout=120)
     assert done.returncode == 75 and "another nightly run holds" in done.stderr
     assert not list(temp.glob("**/session_*"))  # no Ray was started
+
+
+def test_partitions_with_int_and_string_ids_read_as_one_table(ray_cluster, checkpoints, tmp_path):
+    import duckdb
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    rows = corpus_rows(8)
+    write_corpus(corpus / "date=2026-11-01", [dict(r, id=i) for i, r in enumerate(rows[:4])], files=1)  # int64 ids
+    cfg = NightlyConfig(**settings(corpus, out, {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}))
+    assert run_nightly(cfg)["status"] == "succeeded"
+    # Later partitions bring string ids: the first is republished with string ids, labels kept.
+    write_corpus(corpus / "date=2026-11-02", [dict(r, id=f"l{600 + i}") for i, r in enumerate(rows[4:6])], files=1)
+    write_corpus(corpus / "date=2026-11-03", [dict(r, id=10 + i) for i, r in enumerate(rows[6:])], files=1)
+    labels_before = pq.read_table(out / "date=2026-11-01").column("topic_label").to_pylist()
+    report = run_nightly(cfg)
+    want = ["0", "1", "2", "3", "l600", "l601", "10", "11"]
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert table.schema.field("id").type == pa.string() and sorted(table.column("id").to_pylist()) == sorted(want)
+    assert table.num_rows == 8 and table.column("topic_label").null_count == 0
+    duck = duckdb.sql(f"select id, topic_label from read_parquet('{out}/**/*.parquet', hive_partitioning=true)").fetchall()
+    assert sorted(i for i, _ in duck) == sorted(want)
+    assert report["status"] == "succeeded" and report["recast"] == ["date=2026-11-01"]
+    assert report["rows_labeled"] == 4  # only the new partitions were labeled
+    assert pq.read_table(out / "date=2026-11-01").column("topic_label").to_pylist() == labels_before
+    ledger = read_ledger(out)["partitions"]
+    assert ledger == {p.parent.name: json.loads(p.read_text()) for p in out.glob("date=*/" + MANIFEST)}
+    assert not (out / "_staging").exists()
+
+    # Types that cannot be unified (a kept column of strings, then of floats) are refused before any work.
+    write_corpus(corpus / "date=2026-11-04", [dict(r, lang=1.5) for r in rows[:2]], files=1)
+    with pytest.raises(ValueError, match=r"column 'lang' is string in date=2026-11-01.*double in date=2026-11-04"):
+        run_nightly(cfg)
+    assert not (out / "date=2026-11-04").exists() and sorted(read_ledger(out)["partitions"]) == sorted(ledger)
