@@ -89,7 +89,7 @@ class Annotator:
 
 @dataclass
 class NightlyConfig:
-    corpus: str = ""  # root directory of partitions
+    corpus: str = ""  # root directory of partitions: a local path or an s3:// / gs:// URI (options in its query)
     output: str = ""  # output root (local disk or shared mount)
     annotators: list[Annotator] = field(default_factory=list)
     partitions: str = "*=*"  # glob of partition directories under corpus; "/" for nested levels (year=*/month=*)
