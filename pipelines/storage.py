@@ -26,8 +26,7 @@ import os
 import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -119,8 +118,7 @@ def check_bucket(uri: str, what: str) -> None:
 
 # ---------------------------------------------------------------------------------------- listing
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a tuple: listings of 100,000s of parts build one per file
     """A file or directory found by `list_entries`: its URI (query kept), base name, size in bytes and
     modification time in ns (None where not asked for or not known), and whether it is a directory."""
 
@@ -146,7 +144,10 @@ def list_entries(uri: str, recursive: bool = False, stat: bool = True) -> Iterat
         with scan as entries:
             for e in entries:
                 is_dir = e.is_dir()
-                s = e.stat() if stat and not is_dir else None
+                try:
+                    s = e.stat() if stat and not is_dir else None
+                except FileNotFoundError:  # deleted since the directory was read
+                    continue
                 yield Entry(f"{root}/{e.name}", e.name, s and s.st_size, s and s.st_mtime_ns, is_dir)
         return
     query = _query(uri)
