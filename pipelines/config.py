@@ -18,6 +18,7 @@ from pathlib import Path
 from bloom import resolve_dtype
 from bloom.quant import check_quantize
 
+from . import storage
 from .tasks import TASKS
 
 
@@ -237,10 +238,7 @@ def file_sha256(path: str | Path) -> str:
     cache[str(real)] = {"key": key, "sha256": digest}
     cache = dict(list(cache.items())[-_CACHE_ENTRIES:])  # the most recently hashed files
     try:  # replaced whole: concurrent runs may lose each other's entry (a rehash), never corrupt the file
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        storage.put(str(cache_file), json.dumps(cache))
     except OSError as e:
         logging.getLogger("bloomline").warning("cannot cache file hashes in %s (%s): weights are hashed every run",
                                                cache_file, e)

@@ -10,8 +10,7 @@ A part holds consecutive rows of one file, in input order, and its name says whi
 (the source id is a hash of the file's URI). So the driver resumes and verifies from a listing of the
 output alone, reading no part: the rows written for a file are a set of intervals, exactly once when
 they do not overlap and cover the file. The write step checks its own rows' keys (where the data is);
-a part is written under a temporary name and renamed into place (object stores write objects
-atomically), so a part that exists is complete; a retried write produces the same name and replaces
+a part is written atomically (`storage.put`), so a part that exists is complete; a retried write produces the same name and replaces
 the file rather than adding a copy of its rows.
 """
 
@@ -22,116 +21,59 @@ import fnmatch
 import functools
 import hashlib
 import json
-import os
 import posixpath
 import re
-import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from . import storage
+from .storage import clean_uri, filesystem  # noqa: F401  (importable from here, as before)
 
 PART_GLOB = "part-*.parquet"
 PART_NAME = re.compile(r"part-([0-9a-f]{16})-(\d{12})-(\d+)-e(\d+)-t(\d+)\.parquet")
 UNIT_ROWS = 1 << 17  # a row group larger than this is read as slices of this many rows (bounded task memory)
-IO_THREADS = 32  # concurrent footer reads / deletes: object stores answer each after a round trip
+IO_THREADS = storage.IO_THREADS  # concurrent footer reads: object stores answer each after a round trip
 
 
 # ------------------------------------------------------------------------------------------- paths
-
-@functools.lru_cache(maxsize=64)
-def _store(scheme: str, bucket: str, query: str, credentials: tuple) -> pafs.FileSystem:
-    # One client per bucket, options and credentials: building an S3 client per file costs more than
-    # reading a footer.
-    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}/" + (f"?{query}" if query else ""))[0]
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path within it, for local paths and s3://, gs://, hdfs:// URIs
-    (options such as ?endpoint_override=host:port&scheme=http ride in the URI's query)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), posixpath.abspath(uri)
-    parts = urlsplit(uri)
-    if parts.scheme in ("s3", "gs", "gcs"):
-        credentials = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"))
-        return _store(parts.scheme, parts.netloc, parts.query, credentials), f"{parts.netloc}{parts.path}".rstrip("/")
-    return pafs.FileSystem.from_uri(uri)
-
-
-def clean_uri(uri: str) -> str:
-    """The URI without its query (endpoint and client options): what names a file in the output."""
-    return uri.split("?", 1)[0]
-
 
 def source_id(uri: str) -> str:
     """A file's id in part names: 16 hex digits of a hash of its URI (the query left out)."""
     return hashlib.sha1(clean_uri(uri).encode()).hexdigest()[:16]
 
 
-def _uri(fs: pafs.FileSystem, path: str, query: str) -> str:
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    return f"{fs.type_name}://{path}" + (f"?{query}" if query else "")
-
-
-def _store_error(spec: str, e: Exception) -> Exception:
-    """One clear line for what object stores answer to bad credentials or a missing bucket."""
-    text = str(e)
-    if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
-                               "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
-        return ValueError(f"{spec}: the object store refused access (check credentials and endpoint): "
-                               f"{text.splitlines()[0]}")
-    return FileNotFoundError(f"{spec}: {text.splitlines()[0]}")
-
-
 def check_output(output: str) -> None:
     """Before any work: an object-store output's bucket exists and answers with these credentials."""
-    if "://" not in output:
-        return
-    fs, path = filesystem(output)
-    bucket = path.split("/", 1)[0]
-    try:
-        info = fs.get_file_info(bucket)
-    except OSError as e:
-        raise _store_error(f"output {clean_uri(output)}", e) from None
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"output {clean_uri(output)}: bucket {bucket!r} does not exist")
+    storage.check_bucket(output, "output")
 
 
 def list_input_files(inputs: list[str]) -> list[str]:
     """Expand files, directories (recursively, *.parquet not starting with '_' or '.') and globs."""
     files = []
     for spec in inputs:
-        fs, path = filesystem(spec)
-        query = urlsplit(spec).query if "://" in spec else ""
         try:
-            if any(ch in path for ch in "*?["):
-                base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
-                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-                found = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+            if storage.is_pattern(spec):
+                found = [e.uri for e in storage.glob(spec)]
             else:
-                info = fs.get_file_info(path)
-                if info.type == pafs.FileType.NotFound:
-                    raise FileNotFoundError(f"input {spec} does not exist")
-                if info.type == pafs.FileType.Directory:
-                    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                    found = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                             and not posixpath.basename(i.path).startswith(("_", "."))]
+                entry = storage.stat(spec)
+                if entry.is_dir:
+                    found = [e.uri for e in storage.list_files(spec, recursive=True)
+                             if e.name.endswith(".parquet") and not e.name.startswith(("_", "."))]
                 else:
-                    found = [path]
+                    found = [entry.uri]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"input {spec} does not exist") from None
         except OSError as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise _store_error(f"input {clean_uri(spec)}", e) from None
+            raise storage.store_error(f"input {clean_uri(spec)}", e) from None
         if not found:
             raise FileNotFoundError(f"input {spec} matches no Parquet file")
-        files += [_uri(fs, p, query) for p in sorted(found)]
+        files += found
     return list(dict.fromkeys(files))
 
 
@@ -159,14 +101,9 @@ def _footer(uri: str, required: list[str], passthrough: list[str]) -> tuple[str 
     """From one file's footer: why it cannot be read (None: it can), the types of the pass-through
     columns, the rows of each row group. Only these small values are kept: thousands of footers' Arrow
     schemas held at once would cost the driver memory in proportion to files."""
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_file(path) as f, pq.ParquetFile(f) as parquet:  # closed at once, not when collected
-            meta = parquet.metadata
-            schema = meta.schema.to_arrow_schema()
-            groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"cannot read Parquet file {clean_uri(uri)}: {e}") from e
+    meta = storage.read_footer(uri)
+    schema = meta.schema.to_arrow_schema()
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     missing = [c for c in required if c not in schema.names]
     if missing:
         return (f"{clean_uri(uri)} has no column {', '.join(map(repr, missing))} (it has: {', '.join(schema.names)})",
@@ -287,8 +224,7 @@ def read_row_groups(units: pa.Table, columns: list[str], text_columns: list[str]
     the rows a unit's `done` intervals say are already in the output."""
     tables = []
     for u in units.to_pylist():
-        fs, path = filesystem(u["uri"])
-        with fs.open_input_file(path) as f:
+        with storage.open_input(u["uri"]) as f:
             table = pq.ParquetFile(f).read_row_group(u["row_group"], columns=columns)
         table = normalise_text(table.slice(u["start"], u["num_rows"]), text_columns)
         for name, type_ in casts.items():
@@ -367,7 +303,6 @@ def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa
         raise RuntimeError("a write batch holds a row twice; refusing to write it")
     cuts = np.flatnonzero(~same | (rows[1:] != rows[:-1] + 1)) + 1
     errors, tokens = batch.column("error").is_valid().to_numpy(zero_copy_only=False), batch.column("input_tokens")
-    fs, root = filesystem(output)
     for begin, end in zip([0, *cuts], [*cuts, batch.num_rows]):
         part = batch.slice(begin, end - begin)
         n_err = int(errors[begin:end].sum())
@@ -375,13 +310,7 @@ def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa
         name = part_name(str(sources[begin]), int(rows[begin]), end - begin, n_err, n_tok)
         part = part.replace_schema_metadata({**(part.schema.metadata or {}), b"bloomline.source": str(sources[begin]),
                                              b"bloomline.first_row": str(rows[begin])})
-        final = f"{root}/{name}"
-        if isinstance(fs, pafs.LocalFileSystem):
-            tmp = f"{root}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-            pq.write_table(part, tmp, filesystem=fs)
-            fs.move(tmp, final)
-        else:
-            pq.write_table(part, final, filesystem=fs)
+        storage.put(storage.join(output, name), functools.partial(pq.write_table, part))
         summary["errored"][0] += n_err
         summary["input_tokens"][0] += n_tok
         summary["parts"][0] += 1
@@ -403,41 +332,19 @@ class OutputState:
     overlaps: dict[str, list[str]] = field(default_factory=dict)
 
 
-def delete_files(output: str, paths: list[str]) -> None:
-    """Delete files of the output (paths within its filesystem) concurrently."""
-    if paths:
-        fs, _ = filesystem(output)
-        with ThreadPoolExecutor(min(IO_THREADS, len(paths))) as pool:
-            list(pool.map(fs.delete_file, paths))
-
-
 def list_parts(output: str) -> list[str]:
-    fs, root = filesystem(output)
-    return [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-            if fnmatch.fnmatch(posixpath.basename(i.path), PART_GLOB)]
+    """The URIs of the output's parts."""
+    return [e.uri for e in storage.list_entries(output, stat=False) if fnmatch.fnmatch(e.name, PART_GLOB)]
 
 
 def parts_by_source(output: str) -> dict[str, list[str]]:
-    """source id → the paths of its parts (from the listing), to read one input file's labels."""
+    """source id → the URIs of its parts (from the listing), to read one input file's labels."""
     out: dict[str, list[str]] = {}
-    for path in list_parts(output):
-        m = PART_NAME.fullmatch(posixpath.basename(path))
+    for uri in list_parts(output):
+        m = PART_NAME.fullmatch(posixpath.basename(storage.clean_uri(uri)))
         if m:
-            out.setdefault(m[1], []).append(path)
+            out.setdefault(m[1], []).append(uri)
     return out
-
-
-def _listing(output: str):
-    """(path, name) of each file directly in the output, streamed from a local directory (no list of
-    every entry held at once); object stores answer with the whole listing."""
-    fs, root = filesystem(output)
-    if isinstance(fs, pafs.LocalFileSystem):
-        with os.scandir(root) as entries:
-            for e in entries:
-                yield f"{root}/{e.name}", e.name
-    else:
-        for info in fs.get_file_info(pafs.FileSelector(root)):
-            yield info.path, info.base_name
 
 
 def _parse(output: str, name: str) -> tuple[str, int, int, int, int]:
@@ -452,15 +359,13 @@ def scan_output(output: str, clean: bool = True) -> OutputState:
     """The output's state from one listing (no part is opened). With `clean`, removes the temporary
     files of writes that a killed run left unfinished. A part named otherwise than `part_name` is an
     error (written by an older version of this job)."""
-    fs, root = filesystem(output)
     state = OutputState()
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return state
     found: dict[str, array] = {}  # source id → first row, rows, first row, rows, ... (16 bytes a part)
     stale = []
-    for path, name in _listing(output):
-        if name.startswith(".") and name.endswith(".tmp"):
-            stale.append(path)
+    for entry in storage.list_entries(output, stat=False):  # streamed from a local directory
+        name = entry.name
+        if storage.is_temporary(name):
+            stale.append(entry.uri)
         elif fnmatch.fnmatch(name, PART_GLOB):
             sid, first, rows, errored, tokens = _parse(output, name)
             found.setdefault(sid, array("q")).extend((first, rows))
@@ -469,7 +374,7 @@ def scan_output(output: str, clean: bool = True) -> OutputState:
             state.tokens += tokens
             state.parts += 1
     if clean:
-        delete_files(output, stale)
+        storage.delete(stale)
     repeated = set()
     for sid, flat in found.items():
         merged: list[list[int]] = []
@@ -482,9 +387,9 @@ def scan_output(output: str, clean: bool = True) -> OutputState:
                 merged.append([first, first + rows])
         state.intervals[sid] = merged
     if repeated:  # rare (a write that outlived a killed run): a second listing finds their paths
-        for path, name in _listing(output):
-            if fnmatch.fnmatch(name, PART_GLOB) and _parse(output, name)[:3] in repeated:
-                state.overlaps.setdefault(_parse(output, name)[0], []).append(path)
+        for entry in storage.list_entries(output, stat=False):
+            if fnmatch.fnmatch(entry.name, PART_GLOB) and _parse(output, entry.name)[:3] in repeated:
+                state.overlaps.setdefault(_parse(output, entry.name)[0], []).append(entry.uri)
     return state
 
 
@@ -509,7 +414,7 @@ def verify(corpus: CorpusPlan, state: OutputState) -> list[str]:
     problems, expected = [], {source_id(s): (s, n) for s, n in corpus.file_rows.items()}
     for sid, paths in state.overlaps.items():
         name = expected.get(sid, (sid,))[0]
-        problems.append(f"{len(paths)} part(s) of {name} repeat rows another part holds (e.g. {paths[0]})")
+        problems.append(f"{len(paths)} part(s) of {name} repeat rows another part holds (e.g. {clean_uri(paths[0])})")
     missing = 0
     for sid, (source, n) in expected.items():
         covered = state.intervals.get(sid, [])

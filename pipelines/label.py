@@ -21,9 +21,11 @@ import pyarrow.compute as pc
 import bloom
 from bloom.engine import kv_bytes_per_token
 
+from . import storage
 from .config import LabelConfig, model_fingerprint
-from .corpus import (CorpusPlan, check_output, delete_files, filesystem, list_input_files, list_parts, merge_reasons, pending,
-                     plan, read_row_groups, scan_output, verify, write_part)
+from .corpus import (CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending, plan,
+                     read_row_groups, scan_output, verify, write_part)
+from .hub import resolve_model
 from .replica import BloomReplica, check_model
 from .tasks import TASKS
 
@@ -33,39 +35,6 @@ RUN_FILE, REPORT_FILE = "_run.json", "_report.json"
 
 class JobFailed(RuntimeError):
     """The job ran but its result is not acceptable (too many errored rows, rows missing or repeated)."""
-
-
-def resolve_model(name: str) -> str:
-    """A local checkpoint directory, or a Hugging Face hub id ("org/name") fetched once into the local cache.
-
-    The local path is checked first. A missing name that reads as a path (it starts with "/", "." or
-    "~", has no slash or more than one, or its first part exists here) is never sent to the hub, and
-    the error names the first part of the path that is missing."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    if path.exists():
-        raise FileNotFoundError(f"model {name!r} is a file: give the checkpoint's directory (config.json, "
-                                "*.safetensors, tokenizer.json)")
-    missing = next(p for p in [*reversed(path.parents), path] if not p.exists())
-    where = f"{missing.absolute()} does not exist"
-    if not path.is_absolute():
-        # Under `ray job submit --working-dir .` the job runs in an uploaded copy of that directory,
-        # without its gitignored files (demo/, checkpoints): a relative path there is often missing.
-        where += (f" (a relative path is taken from the working directory, {Path.cwd()}; give checkpoints "
-                  "as absolute paths that every node sees)")
-    if name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).exists():
-        raise FileNotFoundError(f"model directory {name!r} not found: {where}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"model {name!r} is not a local directory ({where}), and huggingface_hub is not "
-                                "installed to fetch it from the hub (pip install huggingface_hub)") from None
-    try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
-    except Exception as e:  # network errors, unknown repos, auth: all mean "cannot fetch"
-        raise FileNotFoundError(f"model {name!r} is not a local directory ({where}) and could not be fetched "
-                                f"from the hub as a model id: {type(e).__name__}: {e}") from None
 
 
 def text_columns(config: LabelConfig) -> list[str]:
@@ -131,17 +100,12 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
     """Refuse to mix runs: an output written with another model, task or parameters (another fingerprint),
     or whose parts give pass-through columns other types (`columns`: name → type), is an error unless
     overwrite is set, which deletes its parts first."""
-    fs, root = filesystem(config.output)
-    run_path = f"{root}/{RUN_FILE}"
+    run_path = storage.join(config.output, RUN_FILE)
     parts = list_parts(config.output)
-    previous = None
-    if fs.get_file_info(run_path).type.name == "File":
-        with fs.open_input_stream(run_path) as f:
-            previous = json.loads(f.read())
+    previous = storage.read_json(run_path) if storage.kind(run_path) == "file" else None
     if parts or previous:
         if config.overwrite:
-            report = [f"{root}/{REPORT_FILE}"] if fs.get_file_info(f"{root}/{REPORT_FILE}").type.name == "File" else []
-            delete_files(config.output, parts + report)
+            storage.delete(parts + [storage.join(config.output, REPORT_FILE)])
         elif previous is None:
             raise ValueError(f"output {config.output} holds Parquet parts but no {RUN_FILE}: not written by this "
                              "job; choose another output or rerun with --overwrite (overwrite: true in a config) "
@@ -155,11 +119,10 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
             raise ValueError(f"output {config.output} has parts whose pass-through columns have other types than "
                              f"this input gives them ({', '.join(f'{c}: {a} there, {b} now' for c, (a, b) in changed.items())}); "
                              "a table of both would not read as one: use --overwrite or another output")
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(run_path) as f:
-        f.write(json.dumps({"fingerprint": fingerprint, "task": config.task, "model": config.model,
-                            "model_fingerprint": model_id, "params": config.task_params(),
-                            "numerics": config.numerics(), "columns": columns}, indent=2, default=str).encode())
+    storage.make_dirs(config.output)
+    storage.put_json(run_path, {"fingerprint": fingerprint, "task": config.task, "model": config.model,
+                                "model_fingerprint": model_id, "params": config.task_params(),
+                                "numerics": config.numerics(), "columns": columns})
 
 
 def _differences(previous: dict, config: LabelConfig, model_id: str) -> str:
@@ -196,7 +159,7 @@ def _repair(output: str, state) -> None:
     the next run planned the same rows); the rows they alone held are labeled again."""
     paths = [p for ps in state.overlaps.values() for p in ps]
     logger.warning("%d part(s) repeat rows of other parts; deleting them and labeling their rows again", len(paths))
-    delete_files(output, paths)
+    storage.delete(paths)
 
 
 def check_checkpoint(config: LabelConfig) -> LabelConfig:
@@ -277,13 +240,12 @@ class Progress:
 EARLIER_RUNS = 30  # runs a report keeps of those before it
 
 
-def _earlier_runs(fs, path: str) -> list[dict]:
-    """The report already at `path`, without its own history, then its history: newest first, at most
+def _earlier_runs(uri: str) -> list[dict]:
+    """The report already at `uri`, without its own history, then its history: newest first, at most
     EARLIER_RUNS. So a rerun that labels nothing (a nightly night with nothing new) does not erase the
     figures of the run that did the work. A missing or unreadable report gives []."""
     try:
-        with fs.open_input_stream(path) as f:
-            before = json.loads(f.read())
+        before = storage.read_json(uri)
     except (FileNotFoundError, OSError, ValueError):
         return []
     if not isinstance(before, dict):
@@ -324,10 +286,8 @@ def _finished(config: LabelConfig, fingerprint: str, corpus: CorpusPlan) -> bool
     """The output was written with these settings and column types and holds every unit's rows once."""
     if config.overwrite:
         return False
-    fs, root = filesystem(config.output)
     try:
-        with fs.open_input_stream(f"{root}/{RUN_FILE}") as f:
-            previous = json.loads(f.read())
+        previous = storage.read_json(storage.join(config.output, RUN_FILE))
     except (FileNotFoundError, OSError, ValueError):
         return False
     columns = {c: str(t) for c, t in corpus.types.items()}
@@ -418,10 +378,9 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
     problems += error_problems(state.errored, rows_in, config)
     if problems:
         report["status"], report["problems"] = "failed", problems
-    fs, root = filesystem(config.output)
-    report["earlier_runs"] = _earlier_runs(fs, f"{root}/{REPORT_FILE}")
-    with fs.open_output_stream(f"{root}/{REPORT_FILE}") as f:
-        f.write((json.dumps(report, indent=2, default=str) + "\n").encode())
+    report_uri = storage.join(config.output, REPORT_FILE)
+    report["earlier_runs"] = _earlier_runs(report_uri)
+    storage.put_json(report_uri, report)
     if problems:
         raise JobFailed("; ".join(problems) + f" (report: {config.output}/{REPORT_FILE})")
     return report

@@ -26,10 +26,12 @@ import ctypes
 import dataclasses
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import socket
 import time
@@ -43,8 +45,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from bloom.config import write_atomic
-
+from . import storage
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files, parts_by_source, source_id, unified_type
 from .corpus import plan as plan_corpus
@@ -88,7 +89,7 @@ class Annotator:
 
 @dataclass
 class NightlyConfig:
-    corpus: str = ""  # root directory of partitions
+    corpus: str = ""  # root directory of partitions: a local path or an s3:// / gs:// URI (options in its query)
     output: str = ""  # output root (local disk or shared mount)
     annotators: list[Annotator] = field(default_factory=list)
     partitions: str = "*=*"  # glob of partition directories under corpus; "/" for nested levels (year=*/month=*)
@@ -138,35 +139,35 @@ class NightlyConfig:
 def find_partitions(config: NightlyConfig) -> dict[str, str]:
     """partition key (its path under the corpus, e.g. "date=2026-11-23") -> directory, for the
     directories matching `config.partitions` that hold Parquet files (and the ready marker, if set)."""
-    root = Path(config.corpus)
-    if not root.is_dir():
+    root = config.corpus
+    if storage.kind(root) != "directory":
         raise FileNotFoundError(f"corpus root {config.corpus} is not a directory")
     levels = config.partitions.strip("/").split("/")
     found = [root]
     for pattern in levels:
-        found = [d for parent in found for d in sorted(parent.iterdir())
-                 if d.is_dir() and fnmatch.fnmatch(d.name, pattern) and not d.name.startswith(("_", "."))]
+        found = [d.uri for parent in found for d in sorted(storage.list_entries(parent, stat=False), key=lambda e: e.name)
+                 if d.is_dir and fnmatch.fnmatch(d.name, pattern) and not d.name.startswith(("_", "."))]
     out = {}
     for d in found:
-        if config.ready_marker and not (d / config.ready_marker).exists():
-            logger.info("partition %s has no %s yet: skipped", d.name, config.ready_marker)
+        if config.ready_marker and not storage.exists(storage.join(d, config.ready_marker)):
+            logger.info("partition %s has no %s yet: skipped", storage.relative(d, root), config.ready_marker)
             continue
-        if any(d.rglob("*.parquet")):
-            out[d.relative_to(root).as_posix()] = str(d)
+        if any(e.name.endswith(".parquet") for e in storage.list_entries(d, recursive=True) if not e.is_dir):
+            out[storage.relative(d, root)] = d
     return out
 
 
 def input_fingerprint(directory: str, files: list[str], how: str) -> str:
     h = hashlib.sha256()
-    for path in files:
-        stat = os.stat(path)
-        h.update(f"{os.path.relpath(path, directory)}\0{stat.st_size}\0".encode())
+    for uri in files:
+        stat = storage.stat(uri)
+        h.update(f"{storage.relative(uri, directory)}\0{stat.size}\0".encode())
         if how == "content":
-            with open(path, "rb") as f:
+            with storage.open_input(uri) as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
         else:
-            h.update(str(stat.st_mtime_ns).encode())
+            h.update(str(stat.mtime_ns).encode())
     return h.hexdigest()
 
 
@@ -229,17 +230,17 @@ def output_lock(root: Path, wait: float, run_id: str):
 
 
 def write_json_atomic(path: Path, value) -> None:
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    storage.put_json(str(path), value, sort_keys=True)
 
 
 def read_ledger(root: Path) -> dict:
     path = root / LEDGER
-    if not path.exists():
+    if not storage.exists(str(path)):
         return {"version": LEDGER_VERSION, "partitions": {}}
     try:
-        ledger = json.loads(path.read_text())
+        ledger = storage.read_json(str(path))
     except ValueError as e:
-        raise ValueError(f"ledger {path} is not valid JSON ({e}); it is only ever replaced whole, so this file "
+        raise ValueError(f"ledger {e}; it is only ever replaced whole, so this file "
                          "was edited by hand or by another tool") from None
     if ledger.get("version") != LEDGER_VERSION:
         raise ValueError(f"ledger {path} has version {ledger.get('version')!r}, this job writes {LEDGER_VERSION}")
@@ -289,10 +290,11 @@ def recover(root: Path, ledger: dict) -> list[str]:
                 os.rename(old, root / key)
                 notes.append(f"{key}: restored the published copy a killed run had moved aside")
         shutil.rmtree(staging)
-    published = {p.parent.relative_to(root).as_posix(): p for p in root.rglob(MANIFEST)
-                 if not p.relative_to(root).parts[0].startswith("_")}
+    manifests = [storage.relative(e.uri, str(root)) for e in storage.list_files(str(root), recursive=True)
+                 if e.name == MANIFEST]
+    published = {posixpath.dirname(rel): str(root / rel) for rel in manifests if not rel.startswith("_")}
     for key, manifest in published.items():
-        entry = json.loads(manifest.read_text())
+        entry = storage.read_json(manifest)
         if ledger["partitions"].get(key) != entry:
             ledger["partitions"][key] = entry
             notes.append(f"{key}: ledger updated from the published manifest (a run was killed after publishing)")
@@ -328,8 +330,8 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
     rows = 0
     errored = {a.name: 0 for a in config.annotators}
     for uri in files:
-        rel = os.path.relpath(uri, directory)
-        schema = published_schema(config, pq.read_schema(uri), types)
+        rel = storage.relative(uri, directory)
+        schema = published_schema(config, storage.read_footer(uri).schema.to_arrow_schema(), types)
         columns, count = {}, None
         for a in config.annotators:
             names = [f.name for f in output_fields(a.task)]
@@ -342,7 +344,8 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
                     raise JobFailed(f"annotator {a.name!r} did not label every row of {uri} exactly once")
                 table = table.rename_columns(["_row", *base, *(f"{a.name}_{n}" for n in names)])
             else:
-                table = pq.read_table(reused / rel, columns=[*base, *(f"{a.name}_{n}" for n in names)])
+                with storage.open_input(str(reused / rel)) as f:
+                    table = pq.read_table(f, columns=[*base, *(f"{a.name}_{n}" for n in names)])
             if count not in (None, table.num_rows):
                 raise JobFailed(f"annotator {a.name!r} has {table.num_rows} rows of {uri}, the others {count}")
             count = table.num_rows
@@ -351,9 +354,7 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
                     columns[c] = table.column(c)
             errored[a.name] += table.num_rows - table.column(f"{a.name}_error").null_count
         out = pa.table(columns).cast(schema)
-        target = staged / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(out, target)
+        storage.put(str(staged / rel), functools.partial(pq.write_table, out))
         rows += out.num_rows
     problems = [f"annotator {name!r}: {p}" for name, cfg in limits.items() for p in error_problems(errored[name], rows, cfg)]
     if problems:
@@ -490,8 +491,8 @@ def column_types(config: NightlyConfig, plan: dict, root: Path) -> dict[str, pa.
     for key, files in sources.items():
         for path in files:
             try:
-                types = _schema_types(pq.read_schema(path), columns)
-            except (OSError, pa.ArrowException):
+                types = _schema_types(storage.read_footer(path).schema.to_arrow_schema(), columns)
+            except (OSError, ValueError, pa.ArrowException):
                 continue
             for c, t in types.items():
                 keys = seen[c].setdefault(t, [])
@@ -518,7 +519,7 @@ def recast_partition(root: Path, key: str, types: dict[str, pa.DataType], run_id
     files = _published_files(root / key)
 
     def differs(path: Path) -> bool:
-        return any(types[c] != t for c, t in _schema_types(pq.read_schema(path), list(types)).items())
+        return any(types[c] != t for c, t in _schema_types(storage.read_footer(str(path)).schema.to_arrow_schema(), list(types)).items())
 
     if not any(differs(f) for f in files):
         return False
@@ -587,7 +588,6 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
         report["wall_seconds"] = round(time.time() - started, 3)
         report["partitions_published_total"] = len(ledger["partitions"])
         if not dry_run:
-            (root / "_reports").mkdir(exist_ok=True)
             write_json_atomic(root / "_reports" / f"{run_id}.json", report)
             write_json_atomic(root / REPORT, report)
     return report

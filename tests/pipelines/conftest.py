@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,6 +22,38 @@ from pipelines.demo import DEMO_HEADS
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bloomline-test", "AWS_SECRET_ACCESS_KEY": "bloomline-test",
                   "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_server(**env):
+    """An S3 server on a free loopback port; yields 'host:port'."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def store(endpoint, key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]):
+    return pafs.S3FileSystem(access_key=key, secret_key=secret, endpoint_override=endpoint, scheme="http",
+                             region="us-east-1", allow_bucket_creation=True)
+
+
+def uri(endpoint, path):
+    return f"s3://{path}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
 @pytest.fixture(scope="session")

@@ -432,19 +432,17 @@ def test_every_setting_has_a_flag():
 
 
 def test_a_report_keeps_the_earlier_runs_newest_first_and_at_most_thirty(tmp_path):
-    from pyarrow import fs as pafs
-
     from pipelines.label import EARLIER_RUNS, _earlier_runs
 
-    local, path = pafs.LocalFileSystem(), str(tmp_path / "_report.json")
-    assert _earlier_runs(local, path) == []  # the first run
+    path = str(tmp_path / "_report.json")
+    assert _earlier_runs(path) == []  # the first run
     history = [{"run": i} for i in range(1, 41)]
     (tmp_path / "_report.json").write_text(json.dumps({"run": 0, "earlier_runs": history}))
-    kept = _earlier_runs(local, path)
+    kept = _earlier_runs(path)
     assert len(kept) == EARLIER_RUNS == 30
     assert [r["run"] for r in kept] == list(range(30))
-    (tmp_path / "_report.json").write_text('{"run": ')  # cut short: a crash mid-write on a store without rename
-    assert _earlier_runs(local, path) == []
+    (tmp_path / "_report.json").write_text('{"run": ')  # cut short: a file another tool left half-written
+    assert _earlier_runs(path) == []
 
 
 def test_a_cache_slot_larger_than_any_node_is_refused_before_anything_is_written(ray_cluster, checkpoints, corpus,

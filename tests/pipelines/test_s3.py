@@ -5,11 +5,9 @@ missing bucket refused with one clear error before any work."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -18,41 +16,9 @@ import pytest
 
 from pipelines.config import LabelConfig
 from pipelines.label import run_label_job
-from tests.pipelines.conftest import S3_CREDENTIALS, corpus_rows, write_corpus
+from tests.pipelines.conftest import S3_CREDENTIALS, corpus_rows, moto_server, store, uri, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def moto_server(**env):
-    """An S3 server on a free loopback port; yields 'host:port'."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def store(endpoint, key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]):
-    return pafs.S3FileSystem(access_key=key, secret_key=secret, endpoint_override=endpoint, scheme="http",
-                             region="us-east-1", allow_bucket_creation=True)
-
-
-def uri(endpoint, path):
-    return f"s3://{path}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
 def upload(fs, local: Path, bucket_path: str):
@@ -140,3 +106,21 @@ def test_bad_credentials_and_missing_buckets_are_one_clear_error_before_any_work
                           env={**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"})
     assert done.returncode == 2 and "refused access" in done.stderr and "Traceback" not in done.stderr
     assert [i.path for i in fs.get_file_info(pafs.FileSelector("labels", recursive=True))] == []  # nothing written
+
+
+def test_nightly_job_reads_its_corpus_from_an_object_store(ray_cluster, checkpoints, s3, tmp_path):
+    """The nightly job's partitions, fingerprints and input files go through the storage layer, so
+    its corpus may be a bucket (its output stays a POSIX directory: partitions are published by rename)."""
+    from pipelines.nightly import NightlyConfig, run_nightly
+
+    fs = store(s3)
+    rows = [dict(r, id=f"d1-{r['id']}") for r in corpus_rows(12)]
+    upload(fs, write_corpus(tmp_path / "c", rows, files=2, row_group_size=5), "nightly/corpus/date=2026-11-01")
+    config = NightlyConfig(corpus=uri(s3, "nightly/corpus"), output=str(tmp_path / "out"),
+                           annotators=[{"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}])
+    first = run_nightly(config)
+    assert first["status"] == "succeeded" and first["new"] == ["date=2026-11-01"] and first["rows_labeled"] == 12
+    table = pads.dataset(str(tmp_path / "out" / "date=2026-11-01"), format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    assert table.column("topic_error").null_count == 12
+    assert run_nightly(config)["unchanged"] == ["date=2026-11-01"]  # the listing's sizes and times fingerprint it
