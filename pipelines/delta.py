@@ -240,13 +240,20 @@ def _staged_batches(staged: dict[str, str], schema: pa.Schema):
             yield from table.select(schema.names).cast(schema).to_batches()
 
 
+def table_configuration(retention_hours: float) -> dict[str, str]:
+    """A new table's properties: log files and removed data files are kept for the retention (upkeep's
+    vacuum and log cleanup drop what is older), so time travel within it always works."""
+    interval = f"interval {max(1, int(retention_hours))} hours"
+    return {"delta.logRetentionDuration": interval, "delta.deletedFileRetentionDuration": interval}
+
+
 def commit_partitions(uri: str, staged: dict[str, str], deleted: list[str], entries: dict[str, dict | None],
-                      run_id: str) -> int:
+                      run_id: str, retention_hours: float = 168.0) -> int:
     """Replace the partitions `staged` (key -> directory of the assembled Parquet files) and delete the
     partitions `deleted`, in ONE commit with a predicate overwrite: a reader sees every partition of
     the run old or every one new. New columns are added (schema evolution), columns the new files lack
     are kept (null there). `entries` (key -> ledger entry, None for deleted) go in the commit's
-    metadata. Returns the new table version. CommitFailedError when another writer committed first."""
+    metadata. Returns the new table version. A new table keeps its log for `retention_hours`. CommitFailedError when another writer committed first."""
     from deltalake import write_deltalake
 
     table = open_table(uri)
@@ -267,7 +274,7 @@ def commit_partitions(uri: str, staged: dict[str, str], deleted: list[str], entr
         reader = pa.RecordBatchReader.from_batches(schema, _staged_batches(staged, schema))
         if table is None:
             write_deltalake(location, reader, partition_by=columns, mode="error", storage_options=options,
-                            commit_properties=properties)
+                            commit_properties=properties, configuration=table_configuration(retention_hours))
         else:
             write_deltalake(table, reader, partition_by=columns, mode="overwrite", predicate=partition_predicate(keys),
                             schema_mode="merge", commit_properties=properties)

@@ -677,7 +677,8 @@ def run_delta(config: NightlyConfig, dry_run: bool, connect: Callable[[], None] 
             try:
                 if staged or deleted:
                     state["data_version"] = delta.commit_partitions(root, staged, deleted,
-                                                                    {**entries, **dict.fromkeys(deleted)}, run_id)
+                                                                    {**entries, **dict.fromkeys(deleted)}, run_id,
+                                                                    config.retention_hours)
                 table = delta.open_table(root)
                 drop = (dropped_columns(config, [f.name for f in table.schema().fields], table.metadata().partition_columns)
                         if config.prune and table is not None else [])
