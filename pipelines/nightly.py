@@ -572,6 +572,11 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
     the report's status is then "failed"."""
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     fingerprints = annotator_fingerprints(config)
+    other = {"parquet": "_delta_log", "delta": LEDGER}[config.output_format]
+    if storage.exists(storage.join(config.output, other)):
+        raise ValueError(f"output {storage.clean_uri(config.output)} holds the other format's {other}: it was written "
+                         f"with output_format: {'delta' if other == '_delta_log' else 'parquet'}; keep that or use "
+                         "another output")
     if config.output_format == "delta":
         return run_delta(config, dry_run, connect, run_id, fingerprints)
     root = Path(config.output).resolve()

@@ -80,6 +80,17 @@ def test_a_commit_from_a_stale_version_fails_so_one_of_two_claims_wins(where, s3
     assert delta.claim(location, "third", wait=0, claim_hours=24)["claim"]["run_id"] == "third"
 
 
+def test_an_output_written_in_one_format_is_refused_in_the_other(tmp_path, checkpoints):
+    topic = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    (tmp_path / "parquet").mkdir()
+    (tmp_path / "parquet" / "_ledger.json").write_text('{"version": 1, "partitions": {}}')
+    (tmp_path / "delta" / "_delta_log").mkdir(parents=True)
+    for out, fmt in (("parquet", "delta"), ("delta", "parquet")):
+        config = NightlyConfig(**settings(tmp_path, tmp_path / out, topic), output_format=fmt)
+        with pytest.raises(ValueError, match=f"holds the other format's .*written with output_format: {out}"):
+            run_nightly(config)
+
+
 def test_partition_changed_time_travel_readers_schema_evolution_and_prune(ray_cluster, checkpoints, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", {1: 10, 2: 6})
     out = tmp_path / "out"
