@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     if report.get("recast"):
         print(f"recast {len(report['recast'])} published partition(s) to the id / kept column types all partitions "
               f"now share: {', '.join(report['recast'])}")
+    if report.get("table_version") is not None:
+        print(f"Delta table at version {report['table_version']}"
+              + (f"; upkeep: {report['upkeep']}" if report.get("upkeep") else ""))
     for key, why in report["failed"].items():
         print(f"FAILED {key}: {why}", file=sys.stderr)
     print(json.dumps({k: report[k] for k in ("status", "run_id", "rows_labeled")}
