@@ -9,9 +9,10 @@ partition needs labeling.
 The YAML names the corpus root (partition directories such as date=2026-11-23/), the output root
 and the annotators (name, task, model and any labeling setting); see deploy/nightly.yaml. Each
 partition is published atomically; rerunning is safe, and a killed run resumes its work.
+`output_format: delta` (or --output-format delta) writes a Delta Lake table instead (docs/nightly.md).
 
 Exit status: 0 succeeded (also when there was nothing to do), 1 some partition failed (the others
-were published), 2 bad configuration or input, 75 another run holds the output's lock.
+were published), 2 bad configuration or input, 75 another run holds the output (its lock, or for delta its claim / a commit came first).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", help="corpus root (overrides the YAML)")
     p.add_argument("--output", help="output root (overrides the YAML)")
     p.add_argument("--wait", type=float, dest="lock_wait", help="seconds to wait for a running job's lock (default 0)")
-    p.add_argument("--prune", action="store_const", const=True, help="unpublish partitions deleted from the corpus")
+    p.add_argument("--prune", action="store_const", const=True,
+                   help="unpublish partitions deleted from the corpus (delta: also drop dropped annotators' columns)")
+    p.add_argument("--output-format", choices=["parquet", "delta"],
+                   help="parquet: partition directories (local or shared mount); delta: a Delta table (also s3://, gs://)")
     p.add_argument("--dry-run", action="store_true", help="print what would be labeled, label nothing")
     add_ray_flags(p)
     args = p.parse_args(argv)
-    overrides = {k: v for k in ("corpus", "output", "lock_wait", "prune") if (v := getattr(args, k)) is not None}
+    overrides = {k: v for k in ("corpus", "output", "lock_wait", "prune", "output_format") if (v := getattr(args, k)) is not None}
     try:
         cluster_address(args.address, args.ray_num_cpus)  # --ray-num-cpus with a cluster to join: refused now
         if args.config is None:
@@ -87,6 +91,9 @@ def main(argv=None) -> int:
     if report.get("recast"):
         print(f"recast {len(report['recast'])} published partition(s) to the id / kept column types all partitions "
               f"now share: {', '.join(report['recast'])}")
+    if report.get("table_version") is not None:
+        print(f"Delta table at version {report['table_version']}"
+              + (f"; upkeep: {report['upkeep']}" if report.get("upkeep") else ""))
     for key, why in report["failed"].items():
         print(f"FAILED {key}: {why}", file=sys.stderr)
     print(json.dumps({k: report[k] for k in ("status", "run_id", "rows_labeled")}

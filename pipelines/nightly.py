@@ -42,10 +42,9 @@ from typing import Callable
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import storage
+from . import delta, storage
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files, parts_by_source, source_id, unified_type
 from .corpus import plan as plan_corpus
@@ -100,14 +99,22 @@ class NightlyConfig:
     resources: dict = field(default_factory=dict)  # LabelConfig resource settings for every annotator
     prune: bool = False  # unpublish partitions whose input was deleted
     lock_wait: float = 0.0  # seconds to wait for another run's lock; 0: exit at once
+    output_format: str = "parquet"  # "parquet": partition directories renamed into place; "delta": a Delta table
+    upkeep_every: int = 7  # delta: compact + vacuum + checkpoint every this many runs (0: never)
+    retention_hours: float = 168.0  # delta: snapshots younger than this stay readable (time travel)
+    claim_hours: float = 24.0  # delta: a claim older than this (its host gone) may be taken over
 
     def __post_init__(self):
         self.annotators = [a if isinstance(a, Annotator) else Annotator.from_dict(a) for a in self.annotators]
         if not self.corpus or not self.output:
             raise ValueError("corpus and output are required")
-        if "://" in self.output:
+        if self.output_format not in ("parquet", "delta"):
+            raise ValueError(f"output_format must be 'parquet' or 'delta', got {self.output_format!r}")
+        if self.upkeep_every < 0 or self.retention_hours < 0 or self.claim_hours <= 0:
+            raise ValueError("upkeep_every and retention_hours must be >= 0, claim_hours > 0")
+        if "://" in self.output and self.output_format == "parquet":
             raise ValueError(f"output {self.output!r}: the nightly job publishes partitions by renaming directories, "
-                             "so its output must be a local disk or a shared POSIX mount (NFS, EFS, FSx), not an object store")
+                             "so its output must be a local disk or a shared POSIX mount (NFS, EFS, FSx), not an object store; use output_format: delta there")
         if not self.annotators:
             raise ValueError("no annotators: list at least one (name, task, model)")
         names = [a.name for a in self.annotators]
@@ -316,16 +323,16 @@ def published_schema(config: NightlyConfig, input_schema: pa.Schema, types: dict
     return pa.schema(fields)
 
 
-def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str], reused: Path | None,
-             staged: Path, limits: dict[str, LabelConfig], types: dict[str, pa.DataType]) -> dict:
+def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str],
+             reused: Callable[[str, list[str]], pa.Table] | None, staged: str, limits: dict[str, LabelConfig], types: dict[str, pa.DataType]) -> dict:
     """Join the annotators' outputs row by row into one published file per input file, in input order.
 
     work: annotator name -> its labeling output (covering this partition's files among others); the
-    other annotators' columns are taken from the published partition `reused` (same input, same
-    annotator fingerprint: the same values). limits: annotator -> the config whose errored-row
+    other annotators' columns are read by `reused(file under the partition, columns)` from the
+    published partition (same input, same annotator fingerprint: the same values). limits: annotator -> the config whose errored-row
     thresholds apply to this partition; JobFailed when one is passed. types: the id and kept columns'
     types across partitions (`column_types`)."""
-    staged.mkdir(parents=True)
+    storage.make_dirs(staged)
     parts = {name: parts_by_source(path) for name, path in work.items()}
     rows = 0
     errored = {a.name: 0 for a in config.annotators}
@@ -338,14 +345,13 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
             base = [config.id_column, *config.keep_columns] if not columns else []
             if a.name in work:
                 mine = parts[a.name].get(source_id(uri), [])
-                table = (pads.dataset(mine, format="parquet").to_table(columns=["_row", *base, *names]).sort_by("_row")
+                table = (pa.concat_tables(_read(part, ["_row", *base, *names]) for part in mine).sort_by("_row")
                          if mine else pa.table({"_row": pa.array([], pa.int64())}))
                 if table.column("_row").to_pylist() != list(range(table.num_rows)):
                     raise JobFailed(f"annotator {a.name!r} did not label every row of {uri} exactly once")
                 table = table.rename_columns(["_row", *base, *(f"{a.name}_{n}" for n in names)])
             else:
-                with storage.open_input(str(reused / rel)) as f:
-                    table = pq.read_table(f, columns=[*base, *(f"{a.name}_{n}" for n in names)])
+                table = reused(rel, [*base, *(f"{a.name}_{n}" for n in names)])
             if count not in (None, table.num_rows):
                 raise JobFailed(f"annotator {a.name!r} has {table.num_rows} rows of {uri}, the others {count}")
             count = table.num_rows
@@ -354,7 +360,7 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
                     columns[c] = table.column(c)
             errored[a.name] += table.num_rows - table.column(f"{a.name}_error").null_count
         out = pa.table(columns).cast(schema)
-        storage.put(str(staged / rel), functools.partial(pq.write_table, out))
+        storage.put(storage.join(staged, rel), functools.partial(pq.write_table, out))
         rows += out.num_rows
     problems = [f"annotator {name!r}: {p}" for name, cfg in limits.items() for p in error_problems(errored[name], rows, cfg)]
     if problems:
@@ -362,8 +368,25 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
     return {"rows": rows, "errored_rows": errored}
 
 
-def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerprints: dict, run_id: str, root: Path,
-                     ledger: dict, runs: dict, connect: Callable[[], None] = lambda: None):
+def _read(uri: str, columns: list[str]) -> pa.Table:
+    with storage.open_input(uri) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_published(root: Path, key: str) -> Callable[[str, list[str]], pa.Table] | None:
+    """A reader of a published Parquet partition's columns by input file (None when not published)."""
+    return (lambda rel, columns: _read(str(root / key / rel), columns)) if (root / key).is_dir() else None
+
+
+def publish_directory(root: Path) -> Callable[[str, str], None]:
+    """The Parquet layout's publish step: (key, staged directory) -> renamed into place."""
+    return lambda key, staged: publish(Path(staged), root / key)
+
+
+def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerprints: dict, run_id: str, root: str,
+                     ledger: dict, runs: dict, connect: Callable[[], None] = lambda: None,
+                     reader: Callable[[str], Callable | None] = lambda key: None,
+                     publish_to: Callable[[str, str], None] = lambda key, staged: None):
     """Label the partitions `keys` with one Ray Data run per annotator over all of them (one model load
     each), resuming a killed run's work, then publish each partition whole. `connect` (start or join
     Ray) is called before the first annotator run with rows to label, never when none has. Yields
@@ -371,11 +394,14 @@ def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerp
     `runs`: annotator -> {partitions, rows, rows_labeled, seconds} of its run.
 
     An annotator is not run again for a partition whose ledger entry holds its fingerprint for the same
-    input: its published columns are kept."""
+    input: its published columns are kept. root: the output (local path or URI) holding _work/ and
+    _staging/; reader(key): the published partition's column reader (`assemble`), None if unpublished;
+    publish_to(key, staged directory): publishes a partition (renamed into place, or staged for a commit)."""
+    readers = {key: reader(key) for key in keys}
     entries = {key: ledger["partitions"].get(key) for key in keys}
     reused = {key: [a.name for a in config.annotators
                     if entries[key] is not None and entries[key]["input_fingerprint"] == plan["inputs"][key][1]
-                    and (root / key).is_dir() and entries[key]["annotators"].get(a.name) == fingerprints[a.name]]
+                    and readers[key] is not None and entries[key]["annotators"].get(a.name) == fingerprints[a.name]]
               for key in keys}
     failed: dict[str, Exception] = {}
     for a in config.annotators:  # a partition an annotator cannot read fails alone, before any run
@@ -392,8 +418,8 @@ def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerp
             continue
         # The work directory is named by what decides its content: other inputs or settings start afresh.
         tag = hashlib.sha256(json.dumps([fingerprints[a.name], sorted((k, plan["inputs"][k][1]) for k in mine)]).encode())
-        path = root / "_work" / f"{a.name}-{tag.hexdigest()[:16]}"
-        current.add(path)
+        path = storage.join(root, "_work", f"{a.name}-{tag.hexdigest()[:16]}")
+        current.add(storage.clean_uri(path))
         files = [f for k in mine for f in plan["inputs"][k][0]]
         # Errored-row thresholds apply per partition (in `assemble`), not to the whole run.
         label = dataclasses.replace(config.label_config(a, files, str(path)), max_errored_rows=None,
@@ -411,46 +437,47 @@ def label_partitions(config: NightlyConfig, keys: list[str], plan: dict, fingerp
                         "rows_labeled": report["rows_labeled_this_run"], "seconds": report["wall_seconds"]}
         seconds[a.name] = report["wall_seconds"]
         work[a.name], limits[a.name] = str(path), config.label_config(a, [], "")
-    for stale in (root / "_work").iterdir() if (root / "_work").exists() else []:
-        if stale not in current:
-            shutil.rmtree(stale)  # another run's work: other partitions, inputs or settings
+    work_root = storage.join(root, "_work")
+    for stale in storage.list_entries(work_root, stat=False) if storage.kind(work_root) == "directory" else []:
+        if stale.is_dir and storage.clean_uri(stale.uri) not in current:
+            storage.delete_tree(stale.uri)  # another run's work: other partitions, inputs or settings
     for key in keys:
         if key in failed:
             yield key, failed[key]
             continue
         try:
-            yield key, publish_partition(config, key, plan, fingerprints, run_id, root, reused[key],
+            yield key, publish_partition(config, key, plan, fingerprints, run_id, root, reused[key], readers[key], publish_to,
                                          {n: w for n, w in work.items() if n not in reused[key]},
                                          {n: c for n, c in limits.items() if n not in reused[key]},
                                          {n: t for n, t in seconds.items() if n not in reused[key]})
         except (JobFailed, ValueError, FileNotFoundError, OSError, pa.ArrowException) as e:
             yield key, e
-    shutil.rmtree(root / "_work", ignore_errors=True)
+    storage.delete_tree(work_root)
 
 
-def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints: dict, run_id: str, root: Path,
-                      reused: list[str], work: dict[str, str], limits: dict[str, LabelConfig],
+def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints: dict, run_id: str, root: str,
+                      reused: list[str], reader: Callable | None, publish_to: Callable[[str, str], None], work: dict[str, str], limits: dict[str, LabelConfig],
                       seconds: dict[str, float]) -> dict:
     """Assemble one labeled partition and publish it; returns its ledger entry (with the seconds of each
     annotator's run and the reused annotators)."""
     directory, (files, in_fp) = plan["directories"][key], plan["inputs"][key]
     if input_fingerprint(directory, files, config.input_fingerprint) != in_fp or list_input_files([directory]) != files:
         raise JobFailed(f"partition {key} changed while it was being labeled; it will be labeled again next run")
-    staged = root / "_staging" / run_id / quote(key, safe="=")  # one path component
+    staged = storage.join(root, "_staging", run_id, quote(key, safe="="))  # one path component
     entry = {"partition": key, "input_fingerprint": in_fp, "annotator_fingerprint": combined(fingerprints),
              "annotators": dict(fingerprints), "files": len(files), "run_id": run_id}
-    entry.update(assemble(config, directory, files, work, root / key if reused else None, staged, limits,
-                          plan["types"]))
+    entry.update(assemble(config, directory, files, work, reader if reused else None, staged, limits, plan["types"]))
     entry["published_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic(staged / MANIFEST, entry)
-    publish(staged, root / key)
+    write_json_atomic(storage.join(staged, MANIFEST), entry)
+    publish_to(key, staged)
     entry["seconds"], entry["reused"] = seconds, reused
     return entry
 
 
-def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict, root: Path) -> dict:
+def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict, root: Path | None) -> dict:
     """Which partitions are new, changed (input or annotators), unchanged, or gone from the corpus, and
-    the types of the id / kept columns across them (`column_types`)."""
+    the types of the id / kept columns across them (`column_types`; root: the Parquet layout's output,
+    None for a Delta table, whose schema holds the published partitions' types)."""
     partitions = find_partitions(config)
     want = combined(fingerprints)
     plan = {"new": [], "changed": [], "unchanged": [], "deleted": sorted(set(ledger["partitions"]) - set(partitions)),
@@ -486,7 +513,7 @@ def column_types(config: NightlyConfig, plan: dict, root: Path) -> dict[str, pa.
     columns = list(dict.fromkeys([config.id_column, *config.keep_columns]))
     seen: dict[str, dict[pa.DataType, list[str]]] = {c: {} for c in columns}  # column -> type -> partitions
     sources = {key: files for key, (files, _) in plan["inputs"].items()}
-    if not config.prune:  # partitions gone from the corpus stay published unless pruned
+    if not config.prune and root is not None:  # partitions gone from the corpus stay published unless pruned
         sources.update({key: _published_files(root / key)[:1] for key in plan["deleted"] if (root / key).is_dir()})
     for key, files in sources.items():
         for path in files:
@@ -544,8 +571,15 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
     config before any work. A partition that fails is reported and left as it was (the others go on);
     the report's status is then "failed"."""
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    root = Path(config.output).resolve()
     fingerprints = annotator_fingerprints(config)
+    other = {"parquet": "_delta_log", "delta": LEDGER}[config.output_format]
+    if storage.exists(storage.join(config.output, other)):
+        raise ValueError(f"output {storage.clean_uri(config.output)} holds the other format's {other}: it was written "
+                         f"with output_format: {'delta' if other == '_delta_log' else 'parquet'}; keep that or use "
+                         "another output")
+    if config.output_format == "delta":
+        return run_delta(config, dry_run, connect, run_id, fingerprints)
+    root = Path(config.output).resolve()
     started = time.time()
     with output_lock(root, config.lock_wait, run_id):
         ledger = read_ledger(root)
@@ -553,12 +587,11 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
         if notes:
             write_json_atomic(root / LEDGER, ledger)
         plan = plan_run(config, ledger, fingerprints, root)
-        report = {"run_id": run_id, "status": "succeeded", "dry_run": dry_run, "notes": notes,
-                  **{k: plan[k] for k in ("new", "changed", "unchanged", "deleted")},
-                  "published": [], "failed": {}, "pruned": [], "recast": [], "rows_labeled": 0, "annotator_runs": {}}
+        report = _new_report(run_id, dry_run, notes, plan)
         if not dry_run:
             for key, entry in label_partitions(config, sorted(plan["new"] + plan["changed"]), plan, fingerprints,
-                                               run_id, root, ledger, report["annotator_runs"], once(connect)):
+                                               run_id, str(root), ledger, report["annotator_runs"], once(connect),
+                                               functools.partial(read_published, root), publish_directory(root)):
                 if isinstance(entry, Exception):
                     logger.error("partition %s failed: %s", key, entry)
                     report["failed"][key] = f"{type(entry).__name__}: {entry}"
@@ -590,4 +623,97 @@ def run_nightly(config: NightlyConfig, dry_run: bool = False, connect: Callable[
         if not dry_run:
             write_json_atomic(root / "_reports" / f"{run_id}.json", report)
             write_json_atomic(root / REPORT, report)
+    return report
+
+
+def _new_report(run_id: str, dry_run: bool, notes: list[str], plan: dict) -> dict:
+    return {"run_id": run_id, "status": "succeeded", "dry_run": dry_run, "notes": notes,
+            **{k: plan[k] for k in ("new", "changed", "unchanged", "deleted")},
+            "published": [], "failed": {}, "pruned": [], "recast": [], "rows_labeled": 0, "annotator_runs": {}}
+
+
+def dropped_columns(config: NightlyConfig, names: list[str], partition_columns: list[str]) -> list[str]:
+    """The columns of a published table that no current setting writes (a dropped annotator's)."""
+    wanted = {config.id_column, *config.keep_columns, *partition_columns, *delta.SOURCE_COLUMNS}
+    wanted |= {f"{a.name}_{f.name}" for a in config.annotators for f in output_fields(a.task)}
+    return [n for n in names if n not in wanted]
+
+
+def run_delta(config: NightlyConfig, dry_run: bool, connect: Callable[[], None] | None, run_id: str,
+              fingerprints: dict) -> dict:
+    """`run_nightly` for output_format: delta (pipelines/delta.py): the run claims the output with a
+    commit to its ledger table, labels as the Parquet layout does, replaces every labeled (and, with
+    prune, deleted) partition in ONE data commit, then writes the ledger. One commit per run, not per
+    partition: a night is one snapshot (version N-1 is the previous night), and the log grows by runs,
+    not by partitions (a year's backfill is one commit)."""
+    from deltalake.exceptions import CommitFailedError
+
+    root = config.output if "://" in config.output else str(Path(config.output).resolve())
+    started = time.time()
+    try:
+        state = delta.claim(root, run_id, config.lock_wait, config.claim_hours)
+    except delta.ClaimHeld as e:
+        raise LockHeld(str(e)) from None
+    try:
+        ledger, notes = delta.read_ledger(root, state)
+        if notes:
+            delta.save_ledger(root, ledger, sorted(ledger["partitions"]), state)
+        storage.delete_tree(storage.join(root, "_staging"))  # a killed run's: we hold the claim
+        plan = plan_run(config, ledger, fingerprints, None)
+        report = _new_report(run_id, dry_run, notes, plan)
+        if not dry_run:
+            staged, entries = {}, {}
+            for key, entry in label_partitions(
+                    config, sorted(plan["new"] + plan["changed"]), plan, fingerprints, run_id, root, ledger,
+                    report["annotator_runs"], once(connect),
+                    lambda key: delta.read_reused(root, key) if key in ledger["partitions"] else None,
+                    staged.__setitem__):
+                if isinstance(entry, Exception):
+                    logger.error("partition %s failed: %s", key, entry)
+                    report["failed"][key] = f"{type(entry).__name__}: {entry}"
+                    staged.pop(key, None)
+                    continue
+                seconds, reused = entry.pop("seconds"), entry.pop("reused")
+                entries[key] = entry
+                report["published"].append({"partition": key, "rows": entry["rows"], "errored_rows": entry["errored_rows"],
+                                            "seconds": seconds, "reused": reused})
+                report["rows_labeled"] += entry["rows"]
+            deleted = [k for k in plan["deleted"] if config.prune]
+            try:
+                if staged or deleted:
+                    state["data_version"] = delta.commit_partitions(root, staged, deleted,
+                                                                    {**entries, **dict.fromkeys(deleted)}, run_id,
+                                                                    config.retention_hours)
+                table = delta.open_table(root)
+                drop = (dropped_columns(config, [f.name for f in table.schema().fields], table.metadata().partition_columns)
+                        if config.prune and table is not None else [])
+                if drop:
+                    state["data_version"] = delta.drop_columns(root, drop, run_id)
+                    report["dropped_columns"] = drop
+            except CommitFailedError as e:
+                raise LockHeld(f"another writer committed to {storage.clean_uri(root)} during this run ({e}); "
+                               "nothing of this run was committed") from None
+            ledger["partitions"].update(entries)
+            for key in deleted:
+                ledger["partitions"].pop(key, None)
+                report["pruned"].append(key)
+            if entries or deleted:
+                delta.save_ledger(root, ledger, sorted(entries) + deleted, state)
+            storage.delete_tree(storage.join(root, "_staging"))
+            state["runs"] = state.get("runs", 0) + 1
+            if config.upkeep_every and state["runs"] - state.get("upkeep_run", 0) >= config.upkeep_every:
+                report["upkeep"] = delta.upkeep(root, config.retention_hours, state)
+                state["upkeep_run"] = state["runs"]
+                state["data_version"] = delta.open_table(root).version()
+        if report["failed"]:
+            report["status"] = "failed"
+        report["wall_seconds"] = round(time.time() - started, 3)
+        report["partitions_published_total"] = len(ledger["partitions"])
+        table = delta.open_table(root)
+        report["table_version"] = table.version() if table is not None else None
+        if not dry_run:
+            write_json_atomic(storage.join(root, "_reports", f"{run_id}.json"), report)
+            write_json_atomic(storage.join(root, REPORT), report)
+    finally:
+        delta.release(root, state)
     return report

@@ -317,3 +317,14 @@ def delete(uris: list[str]) -> None:
     else:
         for uri in uris:
             one(uri)
+
+
+def delete_tree(uri: str) -> None:
+    """Delete a directory and everything under it (nothing if it does not exist)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    delete([e.uri for e in list_files(uri, recursive=True)])
