@@ -116,12 +116,12 @@ def main(argv=None) -> int:
     # The bare loop first, on a fresh replica, as the pipeline's actor runs: one cold pass.
     t_bare = timed(lambda: [replica.label_rows(rows[i : i + 256]) for i in range(0, len(rows), 256)])
     # One forward per fixed batch, padded to its longest row: no budget, no length grouping.
-    replica.config.batch_token_budget, replica.length_spread = 10**9, float("inf")
+    replica.config.batch_token_budget, replica.runtime.length_spread = 10**9, float("inf")
     # Timed on the first --fixed-timed-rows rows only (they are slow). The corpus is drawn row by row
     # from one seed, so the first N rows are the same whatever --rows is.
     timed_fixed = [b for b in fixed if b[-1] < args.fixed_timed_rows]
     t_fixed = timed(lambda: [replica.label_rows([rows[i] for i in b]) for b in timed_fixed])
-    replica.config.batch_token_budget, replica.length_spread = args.budget, 1.15
+    replica.config.batch_token_budget, replica.runtime.length_spread = args.budget, 1.15
     results["fixed_rows_per_s"] = sum(map(len, timed_fixed)) / t_fixed
     results["bare_loop_rows_per_s"] = len(rows) / t_bare
 

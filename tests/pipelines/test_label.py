@@ -427,7 +427,7 @@ def test_every_setting_has_a_flag():
     assert TASKS["generate"].generation_params(config, "x").logit_bias == {42: 5.0, 7: -100.0}
     with pytest.raises(SystemExit):
         script.parse_args(["--logit-bias", "[42]"])
-    flagged = {dest for _, dest, _, _ in script.FLAGS} | {"task", "do_sample", "overwrite"}
+    flagged = {action.dest for action in script.parser()._actions}
     assert {f.name for f in dataclasses.fields(LabelConfig)} - flagged == set()
 
 
