@@ -2,8 +2,6 @@
 endpoint's request models, the fingerprint and the engine's per-sequence parameters follow it."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -12,15 +10,7 @@ from bloom.engine import GenerationParams
 from pipelines.config import LabelConfig
 from pipelines.tasks import TASKS, settings
 from pipelines.tasks.settings import SETTINGS, SettingError
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def label_corpus():
-    spec = importlib.util.spec_from_file_location("label_corpus", ROOT / "jobs" / "label_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.jobs.test_label_corpus import load_script
 
 
 def flag_help(script, flag: str) -> str:
@@ -29,7 +19,7 @@ def flag_help(script, flag: str) -> str:
 
 
 def test_a_changed_declaration_reaches_the_cli_the_requests_and_the_fingerprint(monkeypatch):
-    script = label_corpus()
+    script = load_script()
     before = LabelConfig(task="generate").fingerprint("m")
     assert "(default: 32)" in flag_help(script, "--max-new-tokens")
     monkeypatch.setitem(SETTINGS, "max_new_tokens", dataclasses.replace(SETTINGS["max_new_tokens"], default=7, le=50))
