@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     import ray
     import ray.data
 
-    from pipelines.label import run_label_job
+    from pipelines.corpus.job import run_label_job
 
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

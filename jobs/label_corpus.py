@@ -59,7 +59,7 @@ def with_demo_defaults(config: LabelConfig) -> LabelConfig:
 
 def main(argv=None) -> int:
     from pipelines import RayUnavailable, cluster_address, init_ray
-    from pipelines.label import JobFailed, plan_label_job, run_label_job
+    from pipelines.corpus.job import JobFailed, plan_label_job, run_label_job
 
     try:
         config, args = parse_args(argv)
