@@ -278,9 +278,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         shown = "" if s.default in (None, "", [], {}) or "default" in s.help else f" (default: {s.default!r})"
         text = f"{'/'.join(s.tasks) + ': ' if s.tasks else ''}{s.help}{shown}".replace("%", "%%")
         origin = getattr(s.type, "__origin__", None)
-        if s.choices:
-            parser.add_argument(flag, dest=name, choices=s.choices, default=None, help=text)
-        elif origin is list:
+        if s.choices:  # help lists them; a wrong one is refused by `check`, in the job's one error shape
+            text = f"{text} (one of: {', '.join(s.choices)})"
+        if origin is list:
             parser.add_argument(flag, dest=name, action="append", default=None, help=text)
         elif origin is dict:
             parser.add_argument(flag, dest=name, type=_json_object, default=None, help=text)
