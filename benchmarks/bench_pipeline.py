@@ -38,7 +38,8 @@ import bloom  # noqa: E402
 from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint  # noqa: E402
 from pipelines.config import LabelConfig  # noqa: E402
 from pipelines.corpus import PART_GLOB, PART_NAME  # noqa: E402
-from pipelines.replica import BloomReplica, token_budget_batches  # noqa: E402
+from pipelines.replica import BloomReplica  # noqa: E402
+from pipelines.tasks.base import token_budget_batches  # noqa: E402
 from common import describe, machine, write_results  # noqa: E402
 
 

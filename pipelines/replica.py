@@ -32,7 +32,7 @@ from bloom.quant import check_quantize
 from .config import LabelConfig
 from .corpus import ENGINE_STEPS
 from .tasks import TASKS, Runtime, settings
-from .tasks.base import encode_capped, pad_left, token_budget_batches  # noqa: F401  (importable from here)
+from .tasks.base import encode_capped
 
 logger = logging.getLogger("bloomline")
 
