@@ -38,7 +38,8 @@ import bloom  # noqa: E402
 from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint  # noqa: E402
 from pipelines.config import LabelConfig  # noqa: E402
 from pipelines.corpus import PART_GLOB, PART_NAME  # noqa: E402
-from pipelines.replica import BloomReplica, token_budget_batches  # noqa: E402
+from pipelines.replica import BloomReplica  # noqa: E402
+from pipelines.tasks.base import token_budget_batches  # noqa: E402
 from common import describe, machine, write_results  # noqa: E402
 
 
@@ -116,12 +117,12 @@ def main(argv=None) -> int:
     # The bare loop first, on a fresh replica, as the pipeline's actor runs: one cold pass.
     t_bare = timed(lambda: [replica.label_rows(rows[i : i + 256]) for i in range(0, len(rows), 256)])
     # One forward per fixed batch, padded to its longest row: no budget, no length grouping.
-    replica.config.batch_token_budget, replica.length_spread = 10**9, float("inf")
+    replica.config.batch_token_budget, replica.runtime.length_spread = 10**9, float("inf")
     # Timed on the first --fixed-timed-rows rows only (they are slow). The corpus is drawn row by row
     # from one seed, so the first N rows are the same whatever --rows is.
     timed_fixed = [b for b in fixed if b[-1] < args.fixed_timed_rows]
     t_fixed = timed(lambda: [replica.label_rows([rows[i] for i in b]) for b in timed_fixed])
-    replica.config.batch_token_budget, replica.length_spread = args.budget, 1.15
+    replica.config.batch_token_budget, replica.runtime.length_spread = args.budget, 1.15
     results["fixed_rows_per_s"] = sum(map(len, timed_fixed)) / t_fixed
     results["bare_loop_rows_per_s"] = len(rows) / t_bare
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     import ray
     import ray.data
 
-    from pipelines.label import run_label_job
+    from pipelines.corpus.job import run_label_job
 
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

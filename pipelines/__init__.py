@@ -1,4 +1,10 @@
-"""Ray pipelines over the `bloom` replica: the offline labeling job (Ray Data) and the Serve app."""
+"""Ray pipelines over the `bloom` replica: the offline labeling job (Ray Data) and the Serve app.
+
+Read it as its folders: `tasks/` (what each task computes, and `tasks/settings.py`, every setting declared
+once), `replica.py` (one loaded model that labels rows for a task), `corpus/` (the corpus job: plan, read,
+write, verify, and `job.py` on Ray Data), `serve/` (the endpoint: routes, OpenAI's shapes, chat),
+`nightly.py` (the incremental nightly job), `storage.py` (local, s3://, gs://). This module: joining or
+starting Ray."""
 
 import os
 import socket

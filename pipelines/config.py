@@ -1,95 +1,33 @@
-"""LabelConfig: everything a labeling run needs, from the command line, a YAML file, or code.
+"""LabelConfig: everything a labeling run needs, from the command line, a YAML file, or code; its
+fingerprint; and the model's.
 
-Task parameters decide what is computed (they enter the run's fingerprint); resource knobs decide how
-(actors, GPUs, token budget) and can change between a killed run and its resumption.
+Its fields are the declared settings (`pipelines.tasks.settings`): those that decide what is computed
+enter the run's fingerprint; resource knobs decide how (actors, GPUs, token budget) and can change
+between a killed run and its resumption.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from bloom import resolve_dtype
 from bloom.quant import check_quantize
 
 from . import storage
-from .tasks import TASKS
+from .tasks import TASKS, settings
+from .tasks.settings import SettingError
 
 
-@dataclass
-class LabelConfig:
-    # --- what to label ---
-    task: str = "generate"
-    model: str = ""  # checkpoint directory (or hub id, fetched once when huggingface_hub is installed)
-    input: list[str] = field(default_factory=list)  # Parquet files, directories, globs; local, s3://, gs://
-    output: str = ""  # output directory (Parquet parts + run report)
-    text_column: str = "text"
-    id_column: str = "id"
-    keep_columns: list[str] = field(default_factory=list)  # passed through besides the id column
-    prompt_template: str | None = None  # e.g. "Summarize: {text}"; generate and zero-shot classify
-    question_column: str = "question"  # qa
-    context_column: str = "context"  # qa
-    # --- generate ---
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
-    frequency_penalty: float = 0.0  # OpenAI's: count · penalty off each generated token's logit, in [-2, 2]
-    presence_penalty: float = 0.0  # OpenAI's: penalty off each token generated at least once, in [-2, 2]
-    min_tokens: int = 0  # no eos or stop string ends a row before this many new tokens
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100] added to its logit
-    # --- classify ---
-    candidate_labels: list[str] = field(default_factory=list)  # non-empty: zero-shot with a causal LM
-    label_prefix: str = " "  # put between the prompt and each candidate label
-    threshold: float = 0.5  # multi-label: labels whose probability reaches it
-    # --- ner ---
-    aggregation_strategy: str = "simple"
-    ignore_labels: list[str] = field(default_factory=lambda: ["O"])
-    stride: int = 32  # tokens shared by consecutive windows of a long text (ner, qa)
-    # --- qa ---
-    max_answer_len: int = 30
-    # --- limits and errors ---
-    max_input_tokens: int = 1024  # per row (per window for ner/qa)
-    too_long: str = "error"  # or "truncate" (a template is kept whole, the text gives up its end; flags the row)
-    max_text_chars: int = 200_000  # longer texts are errors before tokenizing
-    max_errored_rows: int | None = None
-    max_errored_fraction: float | None = 0.1
-    overwrite: bool = False
-    # --- resources (not part of the fingerprint) ---
-    dtype: str = "fast"  # bfloat16 where the device computes it fast (recent GPUs, AMX/AVX512-BF16 CPUs), else float32
-    # "int8": weight-only int8 transformer and LM-head weights (bloom.quant), half the bytes of bf16; needs
-    # dtype bfloat16. Faster for decoding one or two rows on CPU, slower for prefill and larger batches.
-    quantize: str | None = None
-    device_map: str | None = None  # e.g. "auto" to spread a replica over an actor's GPUs
-    num_actors: int | None = None  # pool max size; None: as many as the cluster fits
-    min_actors: int = 1
-    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    num_cpus_per_actor: float | None = None  # None: 1 with GPUs; CPU-only: the cluster's CPUs minus one, split
-    batch_token_budget: int = 8192  # padded tokens per forward
-    # generate runs on a continuous-batching engine (bloom.engine): its KV cache, allocated once, holds
-    # cache_tokens tokens in slots of max_input_tokens + max_new_tokens each (None: 16 slots, or fewer
-    # where they would take over half the memory left after loading the model); new prompts are
-    # prefilled prefill_chunk tokens per step.
-    cache_tokens: int | None = None
-    prefill_chunk: int = 256
-    rows_per_batch: int = 256  # rows handed to an actor at a time
-
-    RESOURCE_FIELDS = frozenset({
-        "input", "output", "overwrite", "dtype", "quantize", "device_map", "num_actors", "min_actors",
-        "num_gpus_per_actor", "num_cpus_per_actor", "batch_token_budget", "rows_per_batch",
-        "cache_tokens", "prefill_chunk",
-        "max_errored_rows", "max_errored_fraction",
-    })
+class _LabelConfigMethods:
+    """LabelConfig's methods; its fields come from the declarations (`pipelines.tasks.settings`)."""
 
     def __post_init__(self):
         if isinstance(self.input, str):
@@ -97,33 +35,23 @@ class LabelConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field at fault."""
+        """Raise ValueError (a `SettingError`, naming the setting at fault) for a setting out of its
+        declared bounds, or settings that do not go together."""
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        TASKS[self.task].check_settings(self)  # the task's parameters, within the bounds a request has
+            raise SettingError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}", "task")
+        # Each setting this task reads, within its declared bounds (another task's are not its business).
+        settings.check({n: v for n, v in dataclasses.asdict(self).items() if settings.SETTINGS[n].reads(self.task)})
+        TASKS[self.task].check_settings(self)
         # "fast" and "auto" resolve when the model loads (on its device); the replica checks them then.
         check_quantize(self.quantize, resolve_dtype(self.dtype) if self.quantize and self.dtype not in ("fast", "auto")
                        else None)
-        if self.too_long not in ("error", "truncate"):
-            raise ValueError(f"too_long must be 'error' or 'truncate', got {self.too_long!r}")
-        for name in ("max_input_tokens", "batch_token_budget", "rows_per_batch", "prefill_chunk", "min_actors",
-                     "max_text_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.task == "generate":
-            check_cache_tokens(self.cache_tokens, self.max_input_tokens + self.max_new_tokens)
-            if self.min_tokens > self.max_new_tokens:
-                raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         if self.num_actors is not None and self.num_actors < self.min_actors:
-            raise ValueError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})")
-        if "stride" in TASKS[self.task].settings and not 0 <= self.stride < self.max_input_tokens // 2:
-            raise ValueError(f"stride must be in [0, max_input_tokens / 2), got {self.stride}")
-        if self.max_errored_fraction is not None and not 0 <= self.max_errored_fraction <= 1:
-            raise ValueError(f"max_errored_fraction must be in [0, 1], got {self.max_errored_fraction}")
+            raise SettingError(f"num_actors ({self.num_actors}) is below min_actors ({self.min_actors})", "num_actors")
+        if settings.SETTINGS["stride"].reads(self.task) and not self.stride < self.max_input_tokens // 2:
+            raise SettingError(f"stride must be in [0, max_input_tokens / 2), got {self.stride}", "stride")
         if self.prompt_template is not None and "{" not in self.prompt_template:
-            raise ValueError("prompt_template must name at least one column, e.g. 'Summarize: {text}'")
-        if self.task == "classify" and len(self.candidate_labels) == 1:
-            raise ValueError("zero-shot classification needs at least two candidate_labels")
+            raise SettingError("prompt_template must name at least one column, e.g. 'Summarize: {text}'",
+                               "prompt_template")
 
     @classmethod
     def from_dict(cls, values: dict) -> "LabelConfig":
@@ -153,12 +81,20 @@ class LabelConfig:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_cache_tokens(cache_tokens: int | None, slot: int) -> None:
-    """ValueError when a given generation cache cannot hold one sequence of `slot` tokens (the longest
-    prompt, max_input_tokens, plus the most new tokens); None (unset) is sized by the replica from memory."""
-    if cache_tokens is not None and cache_tokens < slot:
-        raise ValueError(f"cache_tokens {cache_tokens} cannot hold one sequence: a cache slot takes max_input_tokens "
-                         f"+ max_new_tokens = {slot} tokens; give at least {slot} (several slots run rows together)")
+def _label_config() -> type:
+    """The LabelConfig dataclass: one field per declared setting, whose default is read from the
+    declaration each time a config is made (so a changed declaration is followed at once)."""
+    fields = [(name, s.type, field(default_factory=functools.partial(settings.default, name)))
+              for name, s in settings.SETTINGS.items()]
+    cls = dataclasses.make_dataclass("LabelConfig", fields, bases=(_LabelConfigMethods,))
+    cls.__module__ = __name__  # pickled by name (Ray sends configs to its actors)
+    cls.__doc__ = ("Everything a labeling run needs, from the command line, a YAML file, or code: one field per "
+                   "setting of `pipelines.tasks.settings.SETTINGS`.")
+    cls.RESOURCE_FIELDS = settings.resource_names()  # may change between a killed run and its resumption
+    return cls
+
+
+LabelConfig = _label_config()
 
 
 def known_settings(cls, values: dict) -> dict:

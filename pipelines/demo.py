@@ -18,12 +18,8 @@ from .config import LabelConfig
 from .tasks import TASKS
 
 DEMO_ROOT = Path(__file__).resolve().parent.parent / "demo"
-# The labels the demo's classifier and NER checkpoints carry; the model class comes from the task.
-DEMO_LABELS = {
-    "classify": {0: "negative", 1: "neutral", 2: "positive"},
-    "ner": {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "B-ORG", 6: "I-ORG"},
-}
-DEMO_HEADS = {name: (task.model_class(LabelConfig(task=name)), {"id2label": DEMO_LABELS[name]} if name in DEMO_LABELS else {})
+# The model class and the labels (where its head has any) of each task's demo checkpoint, from the task.
+DEMO_HEADS = {name: (task.model_class(LabelConfig(task=name)), {"id2label": task.demo_labels} if task.demo_labels else {})
               for name, task in TASKS.items()}
 QUESTIONS = ["Who wrote the article?", "Which cities are named?", "What does the model do?", "When was it published?"]
 

@@ -48,7 +48,7 @@ from . import delta, storage
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files, parts_by_source, source_id, unified_type
 from .corpus import plan as plan_corpus
-from .label import JobFailed, check_checkpoint, error_problems, plan_label_job, required_columns, run_label_job
+from .corpus.job import JobFailed, check_checkpoint, error_problems, plan_label_job, required_columns, run_label_job
 from .replica import output_fields
 
 logger = logging.getLogger("bloomline")

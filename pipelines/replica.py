@@ -2,8 +2,8 @@
 
 The Ray Data pipeline uses it as a `map_batches` callable class (load in `__init__`, label in
 `__call__`), and the online endpoint wraps the same class. What each task reads, computes and writes
-lives in `pipelines.tasks`; the replica loads the model the task needs, checks and tokenizes text, and
-batches rows within the token budget.
+lives in `pipelines.tasks`; the replica loads the model the task needs into a `Runtime` that it hands
+to the task, checks each row's text, and resolves each row's or request's settings.
 
 Input batches are Arrow tables with the task's columns; the output is an Arrow table with the
 pass-through columns, the task's columns, and per-row `input_tokens`, `truncated` and `error` (null when
@@ -26,13 +26,13 @@ import pyarrow as pa
 import torch
 
 import bloom
-from bloom.engine import Engine, fit_cache_tokens
 from bloom.loading import missing_heads, resolve_dtype
 from bloom.quant import check_quantize
 
-from .config import LabelConfig, check_cache_tokens
+from .config import LabelConfig
 from .corpus import ENGINE_STEPS
-from .tasks import TASKS, Templated
+from .tasks import TASKS, Runtime, settings
+from .tasks.base import encode_capped
 
 logger = logging.getLogger("bloomline")
 
@@ -53,39 +53,6 @@ def output_fields(task: str) -> list[pa.Field]:
     return TASKS[task].output_fields()
 
 
-def token_budget_batches(lengths: list[int], budget: int, extra: int = 0, spread: float = 1.15) -> list[list[int]]:
-    """Group row indices into batches whose padded size, rows × (longest + extra), stays within budget.
-
-    Rows are sorted by length (length bucketing) and a batch also closes when a row is more than
-    `spread` times as long as the batch's shortest, so each batch pads its rows by at most ~15 %
-    however the lengths are distributed. A row longer than the budget gets a batch of its own."""
-    batches, current, longest, shortest = [], [], 0, 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        size = lengths[i] + extra
-        if current and ((len(current) + 1) * max(longest, size) > budget or size > spread * shortest + 1):
-            batches.append(current)
-            current, longest = [], 0
-        if not current:
-            shortest = size
-        current.append(i)
-        longest = max(longest, size)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → left-padded input_ids and attention_mask, (B, T)."""
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, T - len(r):] = torch.tensor(r)
-            mask[i, T - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def check_model(config: LabelConfig, model_dir: str | Path) -> None:
     """ValueError in one line when the checkpoint lacks the head that config.task needs (checked from the
     safetensors headers, no weights read), or when quantize does not go with its dtype (dtype "auto")."""
@@ -94,10 +61,8 @@ def check_model(config: LabelConfig, model_dir: str | Path) -> None:
     cls = TASKS[config.task].model_class(config)
     missing = missing_heads(cls, Path(model_dir))
     if missing:
-        hint = (" (or give candidate_labels for zero-shot classification with a causal LM)"
-                if config.task == "classify" else "")
         raise ValueError(f"{model_dir} has no {', '.join(missing)} head weights, so it cannot do task "
-                         f"{config.task!r}{hint}")
+                         f"{config.task!r}{TASKS[config.task].head_hint}")
 
 
 class BloomReplica:
@@ -118,7 +83,6 @@ class BloomReplica:
         model_dir = Path(config.model)
         check_model(config, model_dir)
         self.tokenizer = bloom.BloomTokenizerFast.from_pretrained(model_dir)
-        self.zero_shot = config.task == "classify" and bool(config.candidate_labels)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = self.task.model_class(config).from_pretrained(
             model_dir, dtype=config.dtype, device=None if config.device_map else self.device, device_map=config.device_map)
@@ -128,25 +92,11 @@ class BloomReplica:
         if {str(d) for d in self.model.hf_device_map.values()} == {"cpu"}:
             # CPU inference: oneDNN-packed weights; decode steps 1.3-2.5x faster here (bloom.packing).
             self.model.pack_for_cpu()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.length_spread = 1.15  # see token_budget_batches; inf batches by the budget alone
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.runtime = Runtime(self.model, self.tokenizer, self.input_device, pad_id)
+        self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
+        self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
         self.fields = self.task.output_fields()
-        self.engine, self._engine_lock = None, threading.Lock()
-        if config.task == "generate":
-            # One engine per replica: every row or request of this replica joins its running batch. A slot
-            # holds the longest prompt plus the most new tokens a request may ask for.
-            longest = config.max_input_tokens + max(config.max_new_tokens, max_new_tokens_cap or 0)
-            check_cache_tokens(config.cache_tokens, longest)
-            # Unset, the cache holds 16 sequences, or fewer where they would take over half the memory
-            # left after loading the model (at least one).
-            cache_tokens = config.cache_tokens or fit_cache_tokens(self.model, longest)
-            self.engine = Engine(self.model, self.tokenizer, cache_tokens=cache_tokens, max_seq_len=longest,
-                                 prefill_chunk=config.prefill_chunk)
-            logger.info("generation cache: %d sequences of %d tokens (%.2f GB)", self.engine.cache.num_slots,
-                        longest, self.engine.cache.nbytes / 1e9)
-        self._label_ids: dict[tuple, list[list[int]]] = {}
-        if self.zero_shot:
-            self.candidate_label_ids(config)  # fail now on labels without tokens
 
     # ------------------------------------------------------------------ batch in, batch out
 
@@ -169,9 +119,11 @@ class BloomReplica:
         c = self.config
         return list(dict.fromkeys([c.id_column, *c.keep_columns, *PROVENANCE]))
 
-    def with_params(self, params: dict | None) -> LabelConfig:
+    def with_params(self, params: dict | None, caps: dict | None = None, alias: dict | None = None) -> LabelConfig:
         """The effective settings of a request: the replica's config with the request's overrides (names
-        in the task's Params; None values are unset). A new object; ValueError naming a bad parameter."""
+        in the task's Params; None values are unset). A new object; ValueError (a `SettingError`) naming a
+        bad parameter. caps: setting → the most a request may ask (the endpoint's limits); alias: setting
+        → the name the request used for it (OpenAI's), for the message."""
         params = {k: v for k, v in (params or {}).items() if v is not None}
         if not params:
             return self.config
@@ -180,22 +132,10 @@ class BloomReplica:
         if unknown:
             raise ValueError(f"task {self.config.task!r} takes no parameter {', '.join(unknown)} "
                              f"(it takes: {', '.join(allowed)})")
-        config = dataclasses.replace(self.config, **params)  # validates
-        if self.config.task == "classify" and bool(config.candidate_labels) != self.zero_shot:
-            raise ValueError("candidate_labels need a causal LM (zero-shot); this classifier has fixed labels"
-                             if config.candidate_labels else "this zero-shot classifier needs candidate_labels")
-        if self.zero_shot:
-            self.candidate_label_ids(config)
+        settings.check(params, caps, alias)  # the one check of a request's values, each named as it was sent
+        config = dataclasses.replace(self.config, **params)  # and how they go with the others
+        self.task.check_request(self.runtime, config)
         return config
-
-    def candidate_label_ids(self, c: LabelConfig) -> list[list[int]]:
-        key = (c.label_prefix, tuple(c.candidate_labels))
-        if key not in self._label_ids:  # a cache of pure values: safe to share between requests
-            ids = [self.tokenizer.encode(c.label_prefix + label) for label in c.candidate_labels]
-            if any(not t for t in ids):
-                raise ValueError("every candidate label must have at least one token")
-            self._label_ids[key] = ids
-        return self._label_ids[key]
 
     def label_rows(self, rows: list[dict], params: list[dict | None] | None = None) -> list[dict]:
         """Rows (dicts of column values) → one result dict per row with the task's fields; a row that
@@ -239,7 +179,7 @@ class BloomReplica:
         inputs, results = self.prepare(rows, c)
         if inputs:
             with torch.inference_mode():
-                self.task.label(self, inputs, results, c)
+                self.task.label(self.runtime, inputs, results, c)
         return results
 
     def start_engine(self) -> None:
@@ -248,6 +188,11 @@ class BloomReplica:
         with self._engine_lock:
             if not self.engine.started:
                 self.engine.start(on_start=lambda: self.num_threads and torch.set_num_threads(self.num_threads))
+
+    def submit(self, prompt, ids: list[int], c: LabelConfig, n: int = 1, **request) -> list:
+        """A prompt as n sequences of the engine, run on its background thread (see the task's `submit`)."""
+        self.start_engine()
+        return self.task.submit(self.runtime, prompt, ids, c, n, **request)
 
     def stream_generate(self, row: dict, params: dict | None = None):
         """Generate for one row, yielding (new text, None) as tokens come, then ("", the row's result) —
@@ -265,10 +210,10 @@ class BloomReplica:
         with `self.engine.abort(seq)` from any thread (e.g. when the client has gone)."""
         c = self.with_params(params)
         (prompt, ids), result = self.prompt_ids(row, c)
-        (seq,) = self.task.submit(self, prompt, ids, c)
+        (seq,) = self.submit(prompt, ids, c)
 
         def texts():
-            for text, final, _ in self.task.texts(self, seq, c):
+            for text, final, _ in self.task.texts(self.runtime, seq, c):
                 yield text, final if final is None else {**result, **final}
 
         return seq, texts()
@@ -279,7 +224,7 @@ class BloomReplica:
         inputs, (result,) = self.prepare([row], c)
         if 0 not in inputs:
             raise RowError(result["error"], result["error_code"])
-        encoded = self.encode_capped({0: inputs[0]}, [result], c)
+        encoded = encode_capped(self.runtime, {0: inputs[0]}, [result], c)
         if 0 not in encoded:
             raise RowError(result["error"], result["error_code"])
         return (inputs[0], encoded[0]), result
@@ -307,64 +252,3 @@ class BloomReplica:
         except UnicodeEncodeError as e:
             raise RowError(f"{column} holds an invalid character ({e.reason} at {e.start})") from None
         return value
-
-    # ------------------------------------------------------------------ tokens and batches, for the tasks
-
-    def encode_capped(self, texts: dict[int, str], results: list[dict], c: LabelConfig) -> dict[int, list[int]]:
-        """Token ids per row; rows over c.max_input_tokens are errors (code "too_long") or truncated
-        (flagged in `truncated`): a templated prompt shortens its values and keeps the template
-        whole, a plain text keeps its start."""
-        limit, encoded = c.max_input_tokens, {}
-        for i, text in texts.items():
-            ids = self.tokenizer.encode(str(text))
-            results[i]["input_tokens"] = len(ids)
-            if len(ids) > limit:
-                if c.too_long == "error":
-                    results[i].update(error=f"input has {len(ids)} tokens, over the limit of {limit}",
-                                      error_code="too_long")
-                    continue
-                fitted = text.fit(self.tokenizer, limit) if isinstance(text, Templated) else None
-                ids, results[i]["truncated"] = fitted or ids[:limit], True
-            encoded[i] = ids
-        return encoded
-
-    def batches(self, encoded: dict[int, list[int]], c: LabelConfig, extra: int = 0):
-        """Yield (row indices, input_ids, attention_mask) batches within c.batch_token_budget."""
-        keys = list(encoded)
-        lengths = [len(encoded[k]) for k in keys]
-        for group in token_budget_batches(lengths, c.batch_token_budget, extra, self.length_spread):
-            idx = [keys[g] for g in group]
-            yield idx, *pad_left([encoded[i] for i in idx], self.pad_id, self.input_device)
-
-    def windows(self, texts: dict[int, object], results: list[dict], c: LabelConfig, pair: bool = False):
-        """Tokenize each row into windows of c.max_input_tokens sharing c.stride tokens; returns
-        {row: [(ids, offsets, sequence ids)]} with errors recorded per row."""
-        windows = {}
-        for i, text in texts.items():
-            args = (text[0], text[1]) if pair else (text,)
-            try:
-                enc = self.tokenizer(*args, truncation="only_second" if pair else True, max_length=c.max_input_tokens,
-                                     stride=c.stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-            except ValueError as e:
-                results[i].update(error=f"cannot fit the input into windows of {c.max_input_tokens} tokens: {e}",
-                                  error_code="too_long")
-                continue
-            windows[i] = [(enc["input_ids"][w], enc["offset_mapping"][w], enc.sequence_ids(w))
-                          for w in range(len(enc["input_ids"]))]
-            # Every window after the first repeats `stride` tokens of the split text (and, for a pair, the
-            # whole question), so the input's own length follows without tokenizing it again.
-            question = sum(1 for s in windows[i][0][2] if s == 0) if pair else 0
-            repeated = (len(windows[i]) - 1) * (c.stride + question)
-            results[i]["input_tokens"] = sum(len(w[0]) for w in windows[i]) - repeated
-        return windows
-
-    def run_windows(self, windows: dict[int, list], c: LabelConfig, head) -> dict[int, list]:
-        """Forward every window, batched within the token budget; head(output, row in batch, length) per window."""
-        flat = [(i, w) for i, ws in windows.items() for w in range(len(ws))]
-        outputs = {key: None for key in flat}
-        encoded = {k: windows[key[0]][key[1]][0] for k, key in enumerate(flat)}
-        for idx, ids, mask in self.batches(encoded, c):
-            out = self.model(ids, attention_mask=mask)
-            for j, k in enumerate(idx):
-                outputs[flat[k]] = head(out, j, len(encoded[k]))
-        return {i: [outputs[(i, w)] for w in range(len(ws))] for i, ws in windows.items()}

@@ -7,7 +7,7 @@ import requests
 import torch
 
 from pipelines.config import LabelConfig
-from pipelines.label import run_label_job
+from pipelines.corpus.job import run_label_job
 from pipelines.replica import BloomReplica
 from tests.pipelines.conftest import corpus_rows
 

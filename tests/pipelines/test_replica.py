@@ -12,8 +12,9 @@ import torch
 import bloom
 from pipelines.config import LabelConfig
 from pipelines.corpus import ENGINE_STEPS
-from pipelines.replica import BloomReplica, output_fields, token_budget_batches
-from pipelines.spans import best_span, ner_entities
+from pipelines.replica import BloomReplica, output_fields
+from pipelines.tasks.base import token_budget_batches
+from pipelines.tasks.spans import best_span, ner_entities
 from tests.pipelines.conftest import corpus_rows
 
 

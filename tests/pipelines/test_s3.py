@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipelines.config import LabelConfig
-from pipelines.label import run_label_job
+from pipelines.corpus.job import run_label_job
 from tests.pipelines.conftest import S3_CREDENTIALS, corpus_rows, moto_server, store, uri, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -42,7 +42,7 @@ def test_openais_settings_enter_the_generate_fingerprint_only_when_on():
                LabelConfig(task="generate", min_tokens=2), LabelConfig(task="generate", logit_bias={42: 5})]
     prints = [c.fingerprint(m) for c in [off] + changed]
     assert len(set(prints)) == len(prints)
-    with pytest.raises(ValueError, match="min_tokens \\(40\\) must not exceed max_new_tokens \\(32\\)"):
+    with pytest.raises(ValueError, match="min_tokens 40 is over max_new_tokens \\(32\\)"):
         LabelConfig(task="generate", min_tokens=40)
 
 

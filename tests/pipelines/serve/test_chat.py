@@ -7,7 +7,7 @@ import pytest
 
 import bloom
 from bloom.tiny import make_tiny_checkpoint
-from pipelines.chat import ChatTemplateError, checkpoint_chat_template, render_chat
+from pipelines.serve.chat import ChatTemplateError, checkpoint_chat_template, render_chat
 
 # A role-tagged template with the special tokens, loop controls, raise_exception and whitespace control.
 TAGGED = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"

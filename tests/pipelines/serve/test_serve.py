@@ -16,7 +16,7 @@ from pipelines.config import LabelConfig
 from pipelines.replica import BloomReplica
 from tests.pipelines.conftest import corpus_rows
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KEY = "test-key-123"
 TASK_SETTINGS = {"generate": {"max_new_tokens": 6, "dtype": "float32"}, "classify": {}, "ner": {}, "qa": {}}
 
@@ -301,7 +301,7 @@ def test_chat_completions_render_the_checkpoints_chat_template(server, tmp_path)
     import transformers
     from ray import serve
 
-    from tests.pipelines.test_chat import JSONISH, MESSAGES, TAGGED, with_template
+    from tests.pipelines.serve.test_chat import JSONISH, MESSAGES, TAGGED, with_template
 
     with pytest.raises(openai.NotFoundError, match="chat template"):
         _client(server).chat.completions.create(model="generate", messages=MESSAGES)

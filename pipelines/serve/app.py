@@ -1,5 +1,6 @@
-"""The online endpoint: a Ray Serve deployment (FastAPI ingress) over the same BloomReplica as the
-offline job, so a request gets exactly what the job writes for the same row.
+"""The online endpoint's routes: a Ray Serve deployment (FastAPI ingress) over the same BloomReplica as
+the offline job, so a request gets exactly what the job writes for the same row. OpenAI's request and
+answer shapes are in `openai`, its error shape in `errors`, chat templates in `chat`.
 
 Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa (one item or a list, per-request parameters),
 OpenAI-style POST /v1/completions (text or token-id prompts, n and best_of choices, logprobs, echo,
@@ -19,24 +20,29 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from .config import LabelConfig
+from ..config import LabelConfig
+from ..replica import BloomReplica, RowError
+from ..tasks import TASKS, timings
+from ..tasks.settings import SettingError, openai_names
 from .chat import ChatTemplateError, checkpoint_chat_template, compile_template, render_chat
-from .replica import BloomReplica, RowError
-from .tasks import TASKS, TokenTexts, timings
+from .errors import ApiError, error_answer
+from .openai import (NO_OP, ChatRequest, CompletionRequest, SamplingRequest, best_choices, choice_pieces,
+                     join_logprobs, make_choice, token_prompt, usage_of)
 
 logger = logging.getLogger("bloomline.serve")
 # Our @serve.batch's max_batch_size counts tokens (batch_size_fn), not requests, so Serve's warning that it
@@ -45,84 +51,7 @@ logging.getLogger("ray.serve").addFilter(lambda record: "is larger than `max_ong
 app = FastAPI(title="Bloomline", docs_url=None, redoc_url=None)
 
 
-# ----------------------------------------------------------------------------- request models
-
-# /v1/<task>: {"inputs": one item or a list, "parameters": the task's Params}, from the task objects.
-REQUESTS = {name: task.request_model() for name, task in TASKS.items()}
-
-
-class _OpenAIRequest(BaseModel):
-    """A request of OpenAI's API: unknown fields are refused, and null means the default wherever OpenAI's
-    spec allows null (the official client sends an explicit null for a None argument)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data):
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class StreamOptions(_OpenAIRequest):
-    include_usage: bool = False
-
-
-class SamplingRequest(_OpenAIRequest):
-    """What completions and chat completions share: the model, how to sample, how many choices, how to
-    stream. max_tokens None: the route's default."""
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    min_tokens: int = Field(0, ge=0)  # vLLM's: no eos or stop string ends a choice before it has these many
-    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
-
-
-class CompletionRequest(SamplingRequest):
-    """OpenAI's completions request; prompt: a text, texts, token ids, or lists of token ids. Fields we
-    cannot honour are refused rather than ignored (those in NO_OP are taken at the values that change
-    nothing)."""
-
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
-
-
-class ChatMessage(BaseModel):
-    """One message; passed to the chat template as sent (other keys, e.g. name, included)."""
-
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: Union[str, list[dict[str, Any]], None] = None
-
-
-class ChatRequest(SamplingRequest):
-    """OpenAI's chat completions request. max_tokens (or max_completion_tokens) None: the generate task's
-    max_new_tokens. logprobs: true with top_logprobs alternatives per token."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
-
-
-# OpenAI's fields that we take only at the value that changes nothing (or null); any other value is a 400.
-NO_OP = {"suffix": ""}
-
-
 # ----------------------------------------------------------------------------- settings
-
 
 def _api_key() -> str | None:
     """The API key from BLOOMLINE_API_KEY, or from the file named by BLOOMLINE_API_KEY_FILE; None: no auth."""
@@ -131,115 +60,6 @@ def _api_key() -> str | None:
     if os.environ.get("BLOOMLINE_API_KEY_FILE"):
         return Path(os.environ["BLOOMLINE_API_KEY_FILE"]).read_text().strip()
     return None
-
-
-def _openai_reason(reason: str | None) -> str | None:
-    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
-
-
-def _choice_pieces(replica, seq, c, echo: bool):
-    """One completion choice as (text, result or None, logprobs or None) pieces: the prompt first when
-    echoed (with its tokens' logprobs when asked, the first token's None), then the new text as
-    `Generate.texts` gives it; text offsets count from the start of the choice's text."""
-    if not echo:
-        yield from replica.task.texts(replica, seq, c)
-        return
-    prompt = TokenTexts(replica.tokenizer, seq.prompt_ids, skip_special_tokens=False)
-    pieces = replica.task.texts(replica, seq, c, len(prompt.text))
-    first = next(pieces)  # the prompt's logprobs are complete once its first new text (or its end) comes
-    yield prompt.text, None, replica.task.logprobs(replica, seq.prompt_logprobs, prompt, 0, len(prompt.ids))
-    yield first
-    yield from pieces
-
-
-def _join_logprobs(a: dict | None, b: dict | None) -> dict | None:
-    """Two consecutive pieces' logprobs as one."""
-    return b if a is None else a if b is None else {key: a[key] + b[key] for key in a}
-
-
-def _usage(prepared, seqs) -> dict:
-    """OpenAI's usage: each prompt's tokens once (its n choices share one prefill), every choice's new tokens."""
-    usage = {"prompt_tokens": sum(len(ids) for (_, ids), _ in prepared),
-             "completion_tokens": sum(len(seq.output_ids) for seq in seqs)}
-    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-
-
-def _token_prompt(replica, ids: list[int], c, name: str, field: str):
-    """A prompt given as token ids → ((its text, ids), its result so far), as `BloomReplica.prompt_ids`
-    gives for a text; 400 naming the index of an id outside the model's vocabulary, or a prompt of no
-    tokens or over max_input_tokens (never truncated: its end is what the model answers after)."""
-    vocab = replica.model.config.vocab_size
-    if not ids:
-        raise ApiError(400, f"{name} is empty", field)
-    for j, token in enumerate(ids):
-        if not 0 <= token < vocab:
-            raise ApiError(400, f"{name}[{j}]: token id {token} is not in the vocabulary [0, {vocab})", field)
-    if len(ids) > c.max_input_tokens:
-        raise ApiError(400, f"{name}: input has {len(ids)} tokens, over the limit of {c.max_input_tokens}", field)
-    return (replica.tokenizer.decode(ids, skip_special_tokens=False), list(ids)), {"truncated": False,
-                                                                                   "input_tokens": len(ids)}
-
-
-def _best(group: list, n: int) -> list:
-    """The n sequences of one prompt's group with the highest cumulative logprob (the whole group when it
-    has n: no ranking, so no logprobs needed)."""
-    if len(group) == n:
-        return group
-    return sorted(group, key=lambda seq: -sum(lp for lp, _ in seq.logprobs))[:n]
-
-
-def _choice(k: int, text: str, logprobs: dict | None, result: dict | None, chat: bool, top: int | None,
-            streamed: bool = False, first: bool = False) -> dict:
-    """One choice (or a streamed piece of it, with its result on the last) in OpenAI's shape: completions'
-    {"text", "logprobs"}; chat's {"message"}, or {"delta"} when streamed (with the role on a choice's
-    first chunk), and chat's logprobs object (top: alternatives per token)."""
-    reason = _openai_reason(result["finish_reason"]) if result else None
-    if not chat:
-        return {"index": k, "text": text, "logprobs": logprobs, "finish_reason": reason}
-    message = {"role": "assistant", "content": text} if first or not streamed else {"content": text}
-    return {"index": k, "delta" if streamed else "message": message, "logprobs": _chat_logprobs(logprobs, top),
-            "finish_reason": reason}
-
-
-def _token_bytes(token: str) -> list[int]:
-    """A token's bytes; a piece of a character is written "bytes:\\xe4\\xbd" (see `token_text`)."""
-    if token.startswith("bytes:\\x"):
-        return [int(h, 16) for h in token[len("bytes:\\x"):].split("\\x")]
-    return list(token.encode())
-
-
-def _chat_logprobs(logprobs: dict | None, top: int | None) -> dict | None:
-    """Completions' logprobs object → chat's {"content": [{token, logprob, bytes, top_logprobs}]}, the
-    `top` most likely alternatives per token."""
-    if logprobs is None:
-        return None
-
-    def entry(token, lp):
-        return {"token": token, "logprob": lp, "bytes": _token_bytes(token)}
-
-    return {"content": [{**entry(token, lp), "top_logprobs": [entry(*alt) for alt in list(alts.items())[:top]]}
-                        for token, lp, alts in zip(logprobs["tokens"], logprobs["token_logprobs"],
-                                                   logprobs["top_logprobs"])]}
-
-
-# One error shape on every route, OpenAI's: {"error": {"message", "type", "param", "code"}}; code is the
-# HTTP status (as vLLM sends it), type the kind of error by status, param the request field at fault.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "service_unavailable_error"}
-
-
-class ApiError(Exception):
-    """An answer other than 200: status, a message naming what is wrong, and the field at fault (or None)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        self.status, self.message, self.param = status, message, param
-
-
-def error_answer(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
-            "code": status}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 @app.exception_handler(ApiError)
@@ -297,26 +117,28 @@ class BloomEndpoint:
 
     def __init__(self, tasks: dict[str, dict], max_body_bytes: int = 1_000_000, max_new_tokens_cap: int = 512,
                  max_requests: int = 192, max_n: int = 8, max_logprobs: int = 5):
-        # chat_template: the generate task's endpoint-only setting (no labeling run reads it), not a LabelConfig's.
+        # chat_template: an endpoint-only setting of the task that generates (no labeling run reads it).
         settings = {task: dict(s) for task, s in tasks.items()}
-        chat_template = settings.get("generate", {}).pop("chat_template", None)
-        self.replicas = {task: BloomReplica(LabelConfig(task=task, **s),
-                                            max_new_tokens_cap=max_new_tokens_cap if task == "generate" else None)
+        engine_tasks = [task for task in settings if TASKS.get(task) and TASKS[task].runs_on_engine]
+        chat_template = settings[engine_tasks[0]].pop("chat_template", None) if engine_tasks else None
+        self.replicas = {task: BloomReplica(LabelConfig(task=task, **s), max_new_tokens_cap=max_new_tokens_cap)
                          for task, s in settings.items()}
+        # The replica whose task runs on an engine: OpenAI's routes serve it, named by its task.
+        self.generator = next((r for r in self.replicas.values() if r.engine is not None), None)
         self.max_body_bytes, self.max_new_tokens_cap = max_body_bytes, max_new_tokens_cap
         self.max_n, self.max_logprobs = max_n, max_logprobs
         self.max_requests, self.held = max_requests, 0  # held: requests in progress (one event loop: no lock)
-        if "generate" in self.replicas:  # every generation request joins this engine's running batch
-            self.replicas["generate"].start_engine()
+        if self.generator is not None:  # every generation request joins this engine's running batch
+            self.generator.start_engine()
         # Threads that only wait for a sequence to end (the engine computes on its own thread).
         self.waiters = ThreadPoolExecutor(max_workers=512, thread_name_prefix="bloomline-wait")
         self.api_key = _api_key()
         self.created = int(time.time())  # /v1/models' "created"
-        # The chat template of /v1/chat/completions: the generate task's setting, else its checkpoint's;
+        # The chat template of /v1/chat/completions: the generating task's setting, else its checkpoint's;
         # compiled now, so that an invalid one fails the deployment rather than every request.
         self.chat_template = None
-        if "generate" in self.replicas:
-            self.chat_template = chat_template or checkpoint_chat_template(self.replicas["generate"].config.model)
+        if self.generator is not None:
+            self.chat_template = chat_template or checkpoint_chat_template(self.generator.config.model)
             if self.chat_template is not None:
                 compile_template(self.chat_template)
         self.requests = Counter("bloomline_requests", "requests per route and status", tag_keys=("route", "status"))
@@ -337,7 +159,7 @@ class BloomEndpoint:
         self.batch_settings = {"max_batch_tokens": 8192, "batch_wait_timeout_s": 0.01}
         # Classify, NER and QA each batch on a queue of their own (and generation on the engine), so that
         # no task's request waits behind another task's batch.
-        self.batchers = {task: self._batcher(task) for task in self.replicas if task != "generate"}
+        self.batchers = {task: self._batcher(task) for task, r in self.replicas.items() if r.engine is None}
 
     def reconfigure(self, user_config: dict) -> None:
         """user_config: {max_batch_tokens, batch_wait_timeout_s}; applied without a redeploy."""
@@ -393,9 +215,9 @@ class BloomEndpoint:
         params = self._validate(task, params)
         if not rows:
             raise ApiError(400, f"{field} is empty", field)
-        if task == "generate":
+        if task not in self.batchers:  # a task on the engine: its rows join the running batch
             results = await self._generate(rows, params, field, listed)
-        else:  # classify, ner, qa: each batched on its own queue, never behind a generation or each other
+        else:  # a batched forward (classify, ner, qa): a queue per task, never behind a generation or each other
             # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
             # forms a batch of its own rather than being refused by Serve.
             size = min(len(json.dumps(rows)) // (4 * len(rows)) + 1, int(self.batch_settings["max_batch_tokens"]))
@@ -422,13 +244,13 @@ class BloomEndpoint:
         the engine settings of `Generate.submit`); 400 naming the first prompt that cannot be generated
         for (before anything is submitted). prompts: rows (a text prompt's columns) or token-id lists.
         Returns (settings, [(prompt, ids), result] per prompt, the sequences per prompt)."""
-        replica = self.replicas["generate"]
+        replica = self.generator
         c = replica.with_params(params)
         prepared = []
         for i, prompt in enumerate(prompts):
             name = f"{field}[{i}]" if listed else field
             if not isinstance(prompt, dict):
-                prepared.append(_token_prompt(replica, prompt, c, name, field))
+                prepared.append(token_prompt(replica, prompt, c, name, field))
                 continue
             try:
                 prepared.append(replica.prompt_ids(prompt, c))
@@ -437,7 +259,7 @@ class BloomEndpoint:
         groups = []
         try:
             for (prompt, ids), _ in prepared:
-                groups.append(replica.task.submit(replica, prompt, ids, c, n, **request))
+                groups.append(replica.submit(prompt, ids, c, n, **request))
         except ValueError as e:  # cannot fit the engine's slots
             for seq in (s for group in groups for s in group):
                 replica.engine.abort(seq)
@@ -452,36 +274,40 @@ class BloomEndpoint:
         finally:
             for seq in seqs:
                 if not seq.finished:
-                    self.replicas["generate"].engine.abort(seq)
+                    self.generator.engine.abort(seq)
         for seq in seqs:
             self._observe(seq)
 
     async def _generate(self, rows: list[dict], params: dict, field: str, listed: bool) -> list[dict]:
         """Generate for every row on the engine (joining its running batch); results as `label_rows`'."""
-        replica = self.replicas["generate"]
+        replica = self.generator
         c, prepared, groups = self._submit(rows, params, field, listed)
         seqs = [seq for (seq,) in groups]
         await self._wait(seqs)
-        return [{**result, **replica.task.result(replica, c, seq.output_ids, seq.finish_reason, len(ids))}
+        return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids))}
                 for ((_, ids), result), seq in zip(prepared, seqs)]
 
     def _observe(self, seq) -> None:
         for name, value in timings(seq).items():
             self.seconds[name].observe(value * 1000)
-        for name, value in self.replicas["generate"].engine.stats().items():
+        for name, value in self.generator.engine.stats().items():
             if name in self.engine_gauges:
                 self.engine_gauges[name].set(value)
 
-    def _validate(self, task: str, params: dict) -> dict:
-        """Drop unset parameters; 400 for values over the endpoint's caps or invalid for the task."""
+    def _validate(self, task: str, params: dict, alias: dict | None = None) -> dict:
+        """Drop unset parameters; 400 for values over the endpoint's caps or invalid for the task, naming
+        the parameter as the request did (alias: setting → OpenAI's name)."""
         if task not in self.replicas:
             raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
         params = {k: v for k, v in params.items() if v is not None}
-        if params.get("max_new_tokens", 0) > self.max_new_tokens_cap:
-            raise ApiError(400, f"max_new_tokens {params['max_new_tokens']} is over the limit of "
-                                f"{self.max_new_tokens_cap}", "max_new_tokens")
+        alias = alias or {}
         try:
-            self.replicas[task].with_params(params)
+            self.replicas[task].with_params(params, caps={"max_new_tokens": self.max_new_tokens_cap}, alias=alias)
+        except SettingError as e:
+            message = str(e)
+            for name, used in alias.items():  # a message on settings that go together names both as sent
+                message = re.sub(rf"\b{name}\b", used, message)
+            raise ApiError(400, message, alias.get(e.param, e.param)) from None
         except ValueError as e:
             named = str(e).split(" ", 1)[0]  # the replica's messages begin with the parameter at fault
             raise ApiError(400, str(e), named if named in params else None) from None
@@ -500,7 +326,7 @@ class BloomEndpoint:
     @app.get("/v1/stats")
     async def stats(self, request: Request):
         self._check(request)
-        engine = self.replicas["generate"].engine.stats() if "generate" in self.replicas else None
+        engine = self.generator.engine.stats() if self.generator is not None else None
         return {"batch_sizes": self.batches_seen, **self.batch_settings, "engine": engine}
 
     def _check(self, request: Request) -> None:
@@ -543,12 +369,15 @@ class BloomEndpoint:
         return self._model(model_id)
 
     def _generator(self, model: str | None) -> BloomReplica:
-        """The generate replica, which OpenAI's routes serve as model "generate"; 404 for another model."""
-        if "generate" not in self.replicas:
-            raise ApiError(404, "this endpoint does not serve task 'generate'", "model")
-        if model is not None and model != "generate":
-            raise ApiError(404, f"model {model!r} is not served here (completions serve: generate)", "model")
-        return self.replicas["generate"]
+        """The replica whose task runs on the engine, which OpenAI's routes serve as the model named by
+        its task; 404 for another model."""
+        if self.generator is None:
+            name = next(name for name, task in TASKS.items() if task.runs_on_engine)
+            raise ApiError(404, f"this endpoint does not serve task {name!r}", "model")
+        name = self.generator.task.name
+        if model is not None and model != name:
+            raise ApiError(404, f"model {model!r} is not served here (completions serve: {name})", "model")
+        return self.generator
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -561,7 +390,7 @@ class BloomEndpoint:
         prompts = [replica.task.item_row(p, replica.config) if isinstance(p, str) else p
                    for p in ([req.prompt] if single else req.prompt)]
         return await self._complete(req, prompts, not single, 16 if req.max_tokens is None else req.max_tokens,
-                                    req.logprobs, req.echo, req.best_of or req.n)
+                                    req.logprobs, req.echo, req.best_of or req.n, "max_tokens")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -580,35 +409,39 @@ class BloomEndpoint:
             text = render_chat(self.chat_template, messages, replica.tokenizer.special_tokens_map)
         except ChatTemplateError as e:
             raise ApiError(400, f"messages: {e}", "messages") from None
+        named = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None),
                           min(replica.config.max_new_tokens, self.max_new_tokens_cap))
         return await self._complete(req, [replica.tokenizer.encode(text)], False, max_tokens,
-                                    (req.top_logprobs or 0) if req.logprobs else None, False, req.n)
+                                    (req.top_logprobs or 0) if req.logprobs else None, False, req.n, named)
 
     async def _complete(self, req: SamplingRequest, prompts: list, listed: bool, max_tokens: int,
-                        logprobs: int | None, echo: bool, best_of: int):
+                        logprobs: int | None, echo: bool, best_of: int, max_tokens_name: str):
         """Completions and chat completions alike. prompts: rows (text prompts) or token-id lists; each is
         generated for best_of times, and the n sequences with the highest cumulative logprob answer.
-        logprobs: top alternatives per token (None: no logprobs); echo: the prompt leads each choice."""
+        logprobs: top alternatives per token (None: no logprobs); echo: the prompt leads each choice.
+        max_tokens_name: the field that gave max_tokens (errors name it)."""
         chat = isinstance(req, ChatRequest)
         field = "messages" if chat else "prompt"
         if not prompts:
             raise ApiError(400, f"{field} is empty", field)
-        self._check_sampling(req, max_tokens, logprobs, best_of)
+        self._check_sampling(req, logprobs, best_of)
+        replica = self.generator
+        # The declared settings by their OpenAI names, checked with the task's own (once, in _validate).
+        alias = {name: used for used, name in openai_names().items()} | {"max_new_tokens": max_tokens_name}
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
-        params = self._validate("generate", {"max_new_tokens": max_tokens, "do_sample": req.temperature > 0,
-                                             "top_p": req.top_p, "stop": stop, "seed": req.seed,
-                                             "temperature": req.temperature if req.temperature > 0 else None})
+        params = {name: getattr(req, used) for used, name in openai_names().items()}
+        params = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
+                                                    "do_sample": req.temperature > 0,
+                                                    "temperature": req.temperature if req.temperature > 0 else None},
+                                alias)
         # Choosing the best of more sequences than are answered ranks them by their logprobs (0: the
         # chosen tokens' only); they are shown only when asked for.
         request = {"n": best_of, "logprobs": logprobs if best_of == req.n else (logprobs or 0),
-                   "prompt_logprobs": logprobs if echo else None, "logit_bias": self._logit_bias(req.logit_bias),
-                   "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
-                   "min_tokens": req.min_tokens}
+                   "prompt_logprobs": logprobs if echo else None, "logit_bias": self._logit_bias(req.logit_bias)}
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": "generate"}
-        replica = self.replicas["generate"]
+                "model": replica.task.name}
         if req.stream:
             self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
             c, prepared, groups = self._submit(prompts, params, field, listed, **request)
@@ -623,20 +456,20 @@ class BloomEndpoint:
             seqs = [seq for group in groups for seq in group]
             await self._wait(seqs)
             answer = []
-            for k, seq in enumerate(s for group in groups for s in _best(group, req.n)):
+            for k, seq in enumerate(s for group in groups for s in best_choices(group, req.n)):
                 text, lp, result = "", None, None
-                for piece, result, piece_lp in _choice_pieces(replica, seq, c, echo):
+                for piece, result, piece_lp in choice_pieces(replica, seq, c, echo):
                     text += piece
-                    lp = _join_logprobs(lp, piece_lp)
-                answer.append(_choice(k, text, lp if logprobs is not None else None, result, chat, logprobs))
-            usage = _usage(prepared, seqs)  # every sequence generated, best_of of them per prompt
-            self._account("chat" if chat else "completions", "generate", start, usage["prompt_tokens"],
+                    lp = join_logprobs(lp, piece_lp)
+                answer.append(make_choice(k, text, lp if logprobs is not None else None, result, chat, logprobs))
+            usage = usage_of(prepared, seqs)  # every sequence generated, best_of of them per prompt
+            self._account("chat" if chat else "completions", replica.task.name, start, usage["prompt_tokens"],
                           usage["completion_tokens"])
         finally:
             self.held -= 1
         return {**head, "choices": answer, "usage": usage}
 
-    def _check_sampling(self, req: SamplingRequest, max_tokens: int, logprobs: int | None, best_of: int) -> None:
+    def _check_sampling(self, req: SamplingRequest, logprobs: int | None, best_of: int) -> None:
         """400 naming the field for what this endpoint cannot honour or allows no more of."""
         for name, value in NO_OP.items():
             given = getattr(req, name, None)
@@ -644,10 +477,6 @@ class BloomEndpoint:
                 raise ApiError(400, f"{name} {given!r} is not supported (only {value!r} or null)", name)
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options: only with stream: true", "stream_options")
-        if max_tokens > self.max_new_tokens_cap:
-            raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {self.max_new_tokens_cap}", "max_tokens")
-        if req.min_tokens > max_tokens:
-            raise ApiError(400, f"min_tokens {req.min_tokens} is over max_tokens ({max_tokens})", "min_tokens")
         if req.n > self.max_n:
             raise ApiError(400, f"n {req.n} is over the limit of {self.max_n}", "n")
         if best_of < req.n:
@@ -666,7 +495,7 @@ class BloomEndpoint:
         that is no token id of the vocabulary, or a bias outside [-100, 100]."""
         if not bias:
             return None
-        vocab, out = self.replicas["generate"].model.config.vocab_size, {}
+        vocab, out = self.generator.model.config.vocab_size, {}
         for key, value in bias.items():
             token = int(key) if key.isdigit() else -1
             if not 0 <= token < vocab:
@@ -684,7 +513,7 @@ class BloomEndpoint:
         role in a choice's first). Every choice is a sequence of the engine's running batch; a client that
         goes away aborts them (their slots are free the next step)."""
         self.held += 1
-        replica, loop, ready = self.replicas["generate"], asyncio.get_running_loop(), asyncio.Queue()
+        replica, loop, ready = self.generator, asyncio.get_running_loop(), asyncio.Queue()
         seqs = [seq for group in groups for seq in group]
 
         async def pump(k, pieces):  # one choice's pieces into `ready`, read on the waiters' threads
@@ -695,7 +524,7 @@ class BloomEndpoint:
             except Exception as e:  # the engine failed: the stream ends with it
                 ready.put_nowait((k, e))
 
-        pumps = [asyncio.create_task(pump(k, _choice_pieces(replica, seq, c, echo))) for k, seq in enumerate(seqs)]
+        pumps = [asyncio.create_task(pump(k, choice_pieces(replica, seq, c, echo))) for k, seq in enumerate(seqs)]
         begun = set()
         try:
             for _ in range(len(seqs)):
@@ -705,13 +534,13 @@ class BloomEndpoint:
                         raise piece
                     text, result, lp = piece
                     if text or lp or result:
-                        choice = _choice(k, text, lp, result, chat, logprobs, streamed=True, first=k not in begun)
+                        choice = make_choice(k, text, lp, result, chat, logprobs, streamed=True, first=k not in begun)
                         begun.add(k)
                         yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
             for seq in seqs:
                 self._observe(seq)
             if usage:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prepared, seqs)})}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage_of(prepared, seqs)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self.held -= 1
@@ -727,7 +556,7 @@ class BloomEndpoint:
         """/v1/generate, /v1/classify, /v1/ner, /v1/qa: {"inputs": item or [items], "parameters": {...}}."""
         if task not in TASKS:
             raise ApiError(404, f"no route /v1/{task}")
-        req = await self._body(request, REQUESTS[task])
+        req = await self._body(request, TASKS[task].request_model())
         if task not in self.replicas:
             raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
         replica = self.replicas[task]

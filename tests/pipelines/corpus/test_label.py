@@ -20,12 +20,12 @@ import pytest
 import bloom
 from bloom.tiny import make_tiny_checkpoint
 from pipelines.config import LabelConfig
-from pipelines.label import JobFailed, pool_resources, run_label_job
+from pipelines.corpus.job import JobFailed, pool_resources, run_label_job
 from pipelines.replica import BloomReplica, output_fields
 from pipelines.tasks import TASKS
 from tests.pipelines.conftest import corpus_rows, replica_actor_pids, write_corpus
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TASK_SETTINGS = {
     "generate": {"max_new_tokens": 5},
     "classify": {},
@@ -103,7 +103,7 @@ def test_rerun_labels_nothing_and_other_settings_are_refused(ray_cluster, checkp
 
 
 def test_int8_with_the_checkpoints_own_float32_dtype_is_refused_before_ray(checkpoints, corpus, tmp_path):
-    from pipelines.label import check_job
+    from pipelines.corpus.job import check_job
 
     with pytest.raises(ValueError, match="quantize='int8' needs dtype bfloat16, got float32"):
         check_job(config(checkpoints, "generate", corpus, tmp_path / "out", dtype="auto", quantize="int8"))
@@ -215,7 +215,7 @@ def test_bad_rows_are_reported_per_row_and_nothing_is_lost(ray_cluster, checkpoi
 
 
 def test_progress_line_counts_rows_rate_and_time_left(capsys):
-    from pipelines.label import Progress
+    from pipelines.corpus.job import Progress
 
     progress = Progress(total=1000, every=0.0)
     progress.start -= 10  # ten seconds in
@@ -323,7 +323,7 @@ def test_job_script_help_and_config_file(ray_cluster, checkpoints, corpus, tmp_p
 
 
 def test_hub_id_without_a_reachable_hub_is_a_clear_error(monkeypatch):
-    from pipelines.label import resolve_model
+    from pipelines.corpus.job import resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub; offline mode fails at once
     with pytest.raises(FileNotFoundError, match="bigscience/bloom-560m.*could not be fetched from the hub"):
@@ -389,7 +389,7 @@ def test_a_checkpoint_of_the_same_shape_with_other_weights_is_refused(ray_cluste
 
 
 def test_a_missing_path_is_not_taken_for_a_hub_id_and_the_missing_part_is_named(tmp_path, monkeypatch):
-    from pipelines.label import resolve_model
+    from pipelines.corpus.job import resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
@@ -427,12 +427,12 @@ def test_every_setting_has_a_flag():
     assert TASKS["generate"].generation_params(config, "x").logit_bias == {42: 5.0, 7: -100.0}
     with pytest.raises(SystemExit):
         script.parse_args(["--logit-bias", "[42]"])
-    flagged = {dest for _, dest, _, _ in script.FLAGS} | {"task", "do_sample", "overwrite"}
+    flagged = {action.dest for action in script.parser()._actions}
     assert {f.name for f in dataclasses.fields(LabelConfig)} - flagged == set()
 
 
 def test_a_report_keeps_the_earlier_runs_newest_first_and_at_most_thirty(tmp_path):
-    from pipelines.label import EARLIER_RUNS, _earlier_runs
+    from pipelines.corpus.job import EARLIER_RUNS, _earlier_runs
 
     path = str(tmp_path / "_report.json")
     assert _earlier_runs(path) == []  # the first run

@@ -21,13 +21,13 @@ import pyarrow.compute as pc
 import bloom
 from bloom.engine import kv_bytes_per_token
 
-from . import storage
-from .config import LabelConfig, model_fingerprint
-from .corpus import (CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending, plan,
+from .. import storage
+from ..config import LabelConfig, model_fingerprint
+from . import (CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending, plan,
                      read_row_groups, scan_output, verify, write_part)
-from .hub import resolve_model
-from .replica import BloomReplica, check_model
-from .tasks import TASKS
+from ..hub import resolve_model
+from ..replica import BloomReplica, check_model
+from ..tasks import TASKS
 
 logger = logging.getLogger("bloomline")
 RUN_FILE, REPORT_FILE = "_run.json", "_report.json"
@@ -185,7 +185,7 @@ def check_cache_fits(config: LabelConfig, node_memory: list[float]) -> None:
     layer's keys and values, 2 bytes an element at the least) is larger than the memory Ray gives the
     largest node: no actor could hold a single cache slot. Run before anything is written. It catches
     impossible settings only: a GPU actor's cache must fit the GPU's memory, which Ray does not report."""
-    if config.task != "generate" or not node_memory:
+    if not TASKS[config.task].runs_on_engine or not node_memory:
         return
     cfg = bloom.BloomConfig.from_pretrained(config.model)
     tokens = config.max_input_tokens + config.max_new_tokens
@@ -367,7 +367,7 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
         "errors_this_run": {reason: {"rows": n, "sample_ids": ids}
                             for reason, (n, ids) in sorted(errors.items(), key=lambda e: -e[1][0])},
     }
-    if config.task == "generate":
+    if TASKS[config.task].runs_on_engine:
         report["generated_tokens_this_run"] = generated
         report["generated_tokens_per_second"] = round(generated / wall, 3) if wall else None
         # Each step gives every sequence in the batch one token: tokens / steps = mean rows per step.

@@ -1,4 +1,4 @@
-"""pipelines.spans against the reference (transformers' token classification pipeline and its extractive-QA
+"""pipelines.tasks.spans against the reference (transformers' token classification pipeline and its extractive-QA
 span scoring) on tiny random BLOOM checkpoints, plus hand-made cases with known answers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 import bloom
 from bloom.tiny import SAMPLE_TEXT, make_tiny_checkpoint
-from pipelines.spans import AGGREGATION_STRATEGIES, best_span, merge_windows, ner_entities
+from pipelines.tasks.spans import AGGREGATION_STRATEGIES, best_span, merge_windows, ner_entities
 
 ID2LABEL = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 SCORE_ATOL = 1e-4

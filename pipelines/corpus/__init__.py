@@ -1,4 +1,7 @@
-"""Reading a Parquet corpus and writing labeled parts, so that a run can be killed and resumed, with
+"""The corpus job: this module plans, reads, writes and verifies the parts; `job` runs a task over them on
+Ray Data (`run_label_job`).
+
+Reading a Parquet corpus and writing labeled parts, so that a run can be killed and resumed, with
 bookkeeping that grows with files and row groups, never with rows.
 
 Every input row is identified by (`_source`, `_row`): its file and its index in that file. The input is
@@ -32,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
-from .storage import clean_uri, filesystem  # noqa: F401  (importable from here, as before)
+from .. import storage
+from ..storage import clean_uri, filesystem  # noqa: F401  (importable from here, as before)
 
 PART_GLOB = "part-*.parquet"
 PART_NAME = re.compile(r"part-([0-9a-f]{16})-(\d{12})-(\d+)-e(\d+)-t(\d+)\.parquet")
