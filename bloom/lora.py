@@ -29,6 +29,7 @@ from .loading import _header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+STACKED_SETS = 4  # adapter sets whose stacked weights an AdapterBank keeps (each a copy of its adapters')
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # The linears PEFT targets in BLOOM, with their (out, in) sizes in units of hidden_size.
@@ -168,14 +169,19 @@ def read_adapter(directory, model, name: str, base_name: str | None = None, sour
 class LoraBatch:
     """Which adapter each row (or packed token) of one forward uses; passed to the model as `lora=`.
 
-    groups: (adapter, index) pairs, index a (n,) LongTensor of the rows, or of the tokens when per_token
-    (B = 1, several sequences packed into one row), that use that adapter, or None for all of them; rows in
-    no group run the base model. `add_` adds each group's x Aᵀ (B·s)ᵀ to a linear's output in place."""
+    adapters: the K adapters the forward uses; slots: (n,) LongTensor, each row's (or, when per_token,
+    each packed token's: B = 1) index into `adapters`, -1 for the base model. Per linear, the adapters that
+    change it are stacked, A_all (K·r, in) and B_all (out, K·r), so each row's term is 2 matmuls for the
+    whole batch however many adapters it mixes: x A_allᵀ, times a 0/1 mask keeping each row's own adapter's
+    r columns, times B_allᵀ. The zeros add nothing (x + 0 == x), so a row's result is its adapter's alone,
+    and a base row's is the base's bit for bit; the price is K times the (small) LoRA products."""
 
-    def __init__(self, groups: list[tuple[LoraAdapter, torch.Tensor | None]], size: int, per_token: bool):
-        self.groups, self.size, self.per_token = groups, size, per_token
-        self.keys = set().union(*(a.weights.keys() for a, _ in groups))
-        self._on_device: dict[torch.device, list] = {}
+    def __init__(self, adapters: list[LoraAdapter], slots: torch.Tensor, per_token: bool, stacks: dict | None = None):
+        self.adapters, self.slots, self.per_token = adapters, slots, per_token
+        self.size = len(slots)
+        self.uniform = len(adapters) == 1 and bool((slots == 0).all())  # every row, the one adapter: no mask
+        self.stacks = stacks if stacks is not None else stack(adapters)
+        self._masks: dict = {}  # (owner key, device) → the (n, K·r) 0/1 mask, built once per forward
 
     def check(self, B: int, T: int) -> None:
         """Raise ValueError unless this batch fits a forward of input (B, T)."""
@@ -187,27 +193,40 @@ class LoraBatch:
 
     def touches(self, layer: int, module: str) -> bool:
         """Whether any adapter of the batch changes this linear."""
-        return (layer, module) in self.keys
+        return (layer, module) in self.stacks
 
     def add_(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y (B, T, out) += each group's x (B, T, in) Aᵀ (B·s)ᵀ on its rows (or tokens); returns y."""
-        xs, ys = (x[0], y[0]) if self.per_token else (x, y)  # views: index dim 0 = tokens or rows
-        for (adapter, _), index in zip(self.groups, self._indices(x.device)):
-            pair = adapter.weights.get((layer, module))
-            if pair is None:
-                continue
-            A, B = pair
-            if index is None:
-                ys.add_((xs @ A.T) @ B.T)
-            else:
-                ys.index_add_(0, index, (xs.index_select(0, index) @ A.T) @ B.T)
+        """y (B, T, out) += each row's x (B, T, in) Aᵀ (B·s)ᵀ with its own adapter's A and B; returns y."""
+        A, B, owners = self.stacks[layer, module]
+        h = x @ A.T  # (B, T, K·r)
+        mask = self._mask(owners, x.device, h.dtype)
+        if mask is not None:
+            h = h.view(self.size, -1, h.shape[-1]).mul_(mask).view(h.shape)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.T)
         return y
 
-    def _indices(self, device: torch.device) -> list:
-        # Each group's index on a layer's device, moved once per forward (layers may sit on several devices).
-        if device not in self._on_device:
-            self._on_device[device] = [None if i is None else i.to(device) for _, i in self.groups]
-        return self._on_device[device]
+    def _mask(self, owners: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(n, 1, K·r) fp mask: 1 where column j belongs to the adapter of row (or token) i; None when every
+        row uses the batch's one adapter."""
+        if self.uniform:
+            return None
+        key = (owners, device)
+        if key not in self._masks:
+            own = torch.tensor(owners, device=device)
+            self._masks[key] = (self.slots.to(device)[:, None] == own[None, :]).to(dtype)[:, None, :]
+        return self._masks[key]
+
+
+def stack(adapters: list[LoraAdapter]) -> dict:
+    """(layer, module) → (A_all (K·r, in), B_all (out, K·r), owners: the adapter index of each of the K·r
+    columns), over the adapters that change that linear, in order."""
+    out = {}
+    for key in sorted(set().union(*(a.weights.keys() for a in adapters))):
+        parts = [(i, *a.weights[key]) for i, a in enumerate(adapters) if key in a.weights]
+        A = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        B = torch.cat([p[2] for p in parts], 1) if len(parts) > 1 else parts[0][2]
+        out[key] = (A, B, tuple(i for i, a, _ in parts for _row in range(a.shape[0])))
+    return out
 
 
 class AdapterBank:
@@ -215,9 +234,11 @@ class AdapterBank:
 
     model: the BLOOM model the adapters are for. max_adapters: how many stay loaded; max_bytes: optionally,
     how much memory their weights may take; the least recently used adapter not needed by the forward
-    being built is dropped first (a single forward that needs more adapters than the budget holds them
-    all until the next `get`; a LoraBatch keeps its adapters' weights alive while it is used). fetch(source) → a local directory, for sources that are not local directories
-    (e.g. "s3://bucket/adapters/fr": bloom never downloads; the caller's storage layer does). base_name: the
+    being built is dropped first (a forward that needs more adapters than the budget holds them all until
+    the next `get`; a LoraBatch keeps its adapters' weights alive while it is used). The stacked weights of
+    the last STACKED_SETS adapter sets are kept too (copies; a set of one adapter copies nothing).
+    fetch(source) → a local directory, for sources that are not local directories (e.g.
+    "s3://bucket/adapters/fr": bloom never downloads; the caller's storage layer does). base_name: the
     model's name or path, checked against each adapter's base_model_name_or_path. Thread-safe."""
 
     def __init__(self, model, *, max_adapters: int = 8, max_bytes: int | None = None,
@@ -229,6 +250,7 @@ class AdapterBank:
         self.sources: dict[str, str] = {}
         self.loaded: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
         self.loads = 0  # adapters read from their source so far (reloads after eviction included)
+        self._stacks: OrderedDict[tuple, dict] = OrderedDict()  # adapter set → its `stack`
         self._lock = threading.RLock()
 
     def add(self, name: str, source, load: bool = False) -> None:
@@ -294,9 +316,19 @@ class AdapterBank:
         if not used:
             return None
         keep = frozenset(used)
-        groups = []
-        for n in used:
-            adapter = self.get(n, keep)
-            rows = [i for i, m in enumerate(names) if m == n]
-            groups.append((adapter, None if len(rows) == len(names) else torch.tensor(rows)))
-        return LoraBatch(groups, len(names), per_token)
+        adapters = [self.get(n, keep) for n in used]
+        slot = {n: i for i, n in enumerate(used)}
+        slots = torch.tensor([-1 if n is None else slot[n] for n in names])
+        with self._lock:
+            # The stacked weights of a set of adapters, kept while those very adapters stay loaded: an
+            # engine's decode steps mostly repeat one set.
+            key = tuple(id(a) for a in adapters)
+            if key not in self._stacks:
+                live = {id(a) for a in self.loaded.values()}
+                for k in [k for k in self._stacks if not set(k) <= live]:
+                    del self._stacks[k]
+                self._stacks[key] = stack(adapters)
+                while len(self._stacks) > STACKED_SETS:
+                    self._stacks.popitem(last=False)
+            self._stacks.move_to_end(key)
+            return LoraBatch(adapters, slots, per_token, self._stacks[key])

@@ -31,14 +31,14 @@ def write_adapter(base_dir, out_dir, seed: int, cls_name="BloomForCausalLM", tas
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(0.3 * torch.randn(p.shape))
+                p.copy_(0.1 * torch.randn(p.shape))
     model.save_pretrained(out_dir)
     return out_dir
 
 
 @pytest.fixture(scope="module")
 def base(make_checkpoint):
-    return make_checkpoint(std=0.3)
+    return make_checkpoint(std=0.15)  # as the model tests: wide enough to vary, calm enough for 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_lru_keeps_the_budget_and_reloads_what_it_dropped(base, adapters):
     bank.get("fr"), bank.get("legal"), bank.get("fr"), bank.get("ner")  # legal is least recently used
     assert list(bank.loaded) == ["fr", "ner"] and bank.loads == 3
     # One forward needing three adapters holds all three while it is built, then the budget applies again.
-    assert len(bank.batch(["legal", "fr", "ner"]).groups) == 3
+    assert len(bank.batch(["legal", "fr", "ner"]).adapters) == 3
     bank.get("fr")
     assert len(bank.loaded) == 2 and bank.loads == 4
     per = {n: a.nbytes for n, a in bank.loaded.items()}
