@@ -47,13 +47,14 @@ def add_arguments(p) -> None:
 
 
 def write_peft_adapter(cfg: bloom.BloomConfig, directory: Path, r: int, seed: int) -> Path:
-    """An adapter for a model of `cfg`, written by PEFT (lora_A and lora_B random: lora_B starts at zero)."""
+    """An adapter for a model of `cfg`, written by PEFT (lora_A and lora_B random: lora_B starts at zero).
+    The vocabulary does not enter a LoRA of the four linears, so the wrapped model has a tiny one."""
     import peft
     import transformers
 
     torch.manual_seed(seed)
     ref = transformers.BloomForCausalLM(transformers.BloomConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, n_layer=cfg.n_layer, n_head=cfg.n_head))
+        vocab_size=8, hidden_size=cfg.hidden_size, n_layer=cfg.n_layer, n_head=cfg.n_head))
     model = peft.get_peft_model(ref, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     with torch.no_grad():
         for name, p in model.named_parameters():
