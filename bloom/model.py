@@ -99,8 +99,10 @@ def _linear_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor,
     adapted = lora is not None and lora.touches(*where)
     if tp > 1:
         y = _tp_linear(x, linear, tp)
-    elif _fused(linear) and not adapted:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.packed_weight, linear.bias, "add")
+    elif _fused(linear):
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.packed_weight, linear.bias, "add")
+        # The LoRA term after the residual (PEFT adds it before): the fused epilogue is worth the rounding.
+        return lora.add_(*where, x, y) if adapted else y
     else:
         y = linear(x)
     if adapted:  # PEFT's order: base output + LoRA term, then the residual

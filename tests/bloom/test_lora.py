@@ -83,6 +83,7 @@ def test_each_row_of_a_mixed_batch_equals_peft_on_its_adapter(base, adapters):
 
 def test_packed_engine_greedy_tokens_equal_peft_generate(base, adapters):
     model = BloomForCausalLM.from_pretrained(base)
+    model.pack_for_cpu()  # as the replica runs it on CPU: the fused epilogues with the LoRA terms
     engine = Engine(model, cache_tokens=6 * 64, max_seq_len=64, prefill_chunk=7, adapters=bank_for(model, adapters))
     params = [GenerationParams(max_new_tokens=12, eos_token_id=(), adapter=a) for a in ROW_ADAPTERS]
     seqs = engine.generate(PROMPTS, params)
