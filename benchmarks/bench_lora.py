@@ -1,7 +1,7 @@
 """Many LoRA adapters in one batch: the engine's tokens/s with 16 rows over 4 adapters, against the base model
 and against merging each adapter into the base and running its rows one adapter after another.
 
-Three ways to generate the same 16 rows (prompts of 16 tokens, 32 new tokens each, greedy, eos off):
+Three ways to generate the same 16 rows (prompts of 16 tokens, 64 new tokens each, greedy, eos off):
   - base:     16 rows of the base model in one engine (the ceiling);
   - mixed:    16 rows over 4 adapters (r = 16 on all four linears), 4 rows each, in one engine
               (`bloom.lora.AdapterBank`, per-token adapter gathering, no merge);
@@ -37,7 +37,7 @@ from bloom.tiny import randomise_
 
 ROOT = Path(__file__).resolve().parent
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-ROWS, ADAPTERS, PROMPT, NEW = 16, 4, 16, 32
+ROWS, ADAPTERS, PROMPT, NEW = 16, 4, 16, 64
 
 
 def add_arguments(p) -> None:
