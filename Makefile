@@ -53,6 +53,8 @@ bench: install
 	$(PY) benchmarks/bench_engine.py --hidden 1024 --vocab 16384 --repeats 1 --out benchmarks/results/bench_engine_1024.json
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_delta.py
+	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_lora.py --hidden 1024 --vocab 16384 --repeats 3 --out benchmarks/results/bench_lora_1024.json
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache

@@ -66,16 +66,18 @@ class KVCache:
 # ----------------------------------------------------------------------------- one forward
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, lora=None) -> torch.Tensor:
     """Run the prompts (B, T) through the model, filling `cache`; attention_mask (B, S) covers the cache
-    and the prompts. Returns the fp32 logits (B, V) of each row's last position."""
-    out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    and the prompts; lora: each row's adapter (`bloom.lora.LoraBatch`) or None. Returns the fp32 logits
+    (B, V) of each row's last position."""
+    out = model(input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                lora=lora)
     return out.logits[:, -1].float()
 
 
-def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache, lora=None) -> torch.Tensor:
     """Feed one token per row, tokens (B,), after the cached ones → fp32 logits (B, V) of the next."""
-    return prefill(model, tokens[:, None], attention_mask, cache)
+    return prefill(model, tokens[:, None], attention_mask, cache, lora)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -302,6 +304,7 @@ def _decode(
     seed: int | Sequence[int] | None = None,
     stop_strings: str | Sequence[str] | None = None,
     tokenizer=None,
+    lora=None,
 ) -> Iterator[StreamStep]:
     """All rows start together and the batch runs until its last row ends; finished rows get pad."""
     cfg = model.config
@@ -325,7 +328,7 @@ def _decode(
     cache = KVCache(cfg.n_layer, capacity=T + max_new_tokens)
     # The mask for every step at once: step k attends to the prompt and the k tokens before it.
     full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
-    logits = prefill(model, input_ids, mask, cache)
+    logits = prefill(model, input_ids, mask, cache, lora)
     for step in range(max_new_tokens):
         active = torch.tensor([r is None for r in reasons], device=device)
         token = next_token(logits, seen, params).masked_fill(~active, pad)
@@ -338,7 +341,7 @@ def _decode(
         yield StreamStep(token, active, list(reasons))
         if all(r is not None for r in reasons):
             return
-        logits = decode_step(model, token, full_mask[:, : T + step + 1], cache)
+        logits = decode_step(model, token, full_mask[:, : T + step + 1], cache, lora)
 
 
 class GenerationMixin:
@@ -350,7 +353,7 @@ class GenerationMixin:
 
         input_ids, attention_mask: (B, T). Parameters: max_new_tokens, do_sample, temperature, top_k,
         top_p, repetition_penalty (each a number or one per row), eos_token_id, pad_token_id, seed (an
-        int or one per row), stop_strings with tokenizer. Returns sequences (B, T + n) like the
+        int or one per row), stop_strings with tokenizer, lora (each row's adapter, `AdapterBank.batch`). Returns sequences (B, T + n) like the
         reference, or a GenerateOutput with finish reasons when return_dict_in_generate=True.
         """
         B = input_ids.shape[0]

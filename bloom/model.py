@@ -82,22 +82,31 @@ def _fused(linear: nn.Module) -> bool:
     return isinstance(linear, PackedLinear) and not torch.is_grad_enabled()
 
 
-def _linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(linear(x)), (..., in) -> (..., out). BLOOM uses the tanh approximation of GELU."""
-    if _fused(linear):
+def _linear_gelu(linear: nn.Module, x: torch.Tensor, lora=None, where=None) -> torch.Tensor:
+    """gelu_tanh(linear(x) + the LoRA term of `lora` at `where` (layer, name)), (..., in) -> (..., out).
+    BLOOM uses the tanh approximation of GELU."""
+    adapted = lora is not None and lora.touches(*where)
+    if _fused(linear) and not adapted:
         return torch.ops.mkldnn._linear_pointwise(x, linear.packed_weight, linear.bias, "gelu", [], "tanh")
-    return F.gelu(linear(x), approximate="tanh")
+    y = linear(x)
+    return F.gelu(lora.add_(*where, x, y) if adapted else y, approximate="tanh")
 
 
 def _linear_residual(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, tp: int, p_drop: float,
-                     training: bool) -> torch.Tensor:
-    """residual + dropout(linear(x)), (B, T, C): the output projection of attention and of the MLP."""
+                     training: bool, lora=None, where=None) -> torch.Tensor:
+    """residual + dropout(linear(x) + the LoRA term of `lora` at `where` (layer, name)), (B, T, C): the
+    output projection of attention and of the MLP."""
+    adapted = lora is not None and lora.touches(*where)
     if tp > 1:
         y = _tp_linear(x, linear, tp)
     elif _fused(linear):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.packed_weight, linear.bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.packed_weight, linear.bias, "add")
+        # The LoRA term after the residual (PEFT adds it before): the fused epilogue is worth the rounding.
+        return lora.add_(*where, x, y) if adapted else y
     else:
         y = linear(x)
+    if adapted:  # PEFT's order: base output + LoRA term, then the residual
+        lora.add_(*where, x, y)
     # In place on the fresh product: one (B, T, C) buffer fewer per layer (a + b == b + a bit for bit).
     return F.dropout(y, p_drop, training).add_(residual)
 
@@ -120,11 +129,14 @@ class BloomAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, residual, bias, cache=None, head_mask=None, output_attentions=False, packed=None):
+    def forward(self, x, residual, bias, cache=None, head_mask=None, output_attentions=False, packed=None, lora=None):
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
+        qkv = self.query_key_value(x)
+        if lora is not None and lora.touches(self.layer_idx, "query_key_value"):
+            lora.add_(self.layer_idx, "query_key_value", x, qkv)
         # BLOOM's fused QKV is laid out per head, (H, 3, D), not (3, H, D) as in GPT-2.
-        qkv = self.query_key_value(x).view(B, T, H, 3, D)
+        qkv = qkv.view(B, T, H, 3, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # 3 x (B, H, T, D)
         if packed is not None:
             # Sequences of different lengths packed into one row (B = 1, no padding): `packed` stores their
@@ -137,7 +149,8 @@ class BloomAttention(nn.Module):
             p_drop = self.attention_dropout if self.training else 0.0
             y, probs = attention(q, k, v, bias, self.scale, p_drop, self.training, head_mask, output_attentions)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return _linear_residual(self.dense, y, residual, self.tp, self.hidden_dropout, self.training), probs
+        return _linear_residual(self.dense, y, residual, self.tp, self.hidden_dropout, self.training, lora,
+                                (self.layer_idx, "dense")), probs
 
 
 def attention(q, k, v, bias, scale: float, p_drop: float = 0.0, training: bool = False, head_mask=None,
@@ -167,16 +180,18 @@ def attention(q, k, v, bias, scale: float, p_drop: float = 0.0, training: bool =
 
 
 class BloomMLP(nn.Module):
-    def __init__(self, config: BloomConfig):
+    def __init__(self, config: BloomConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
         self.tp = config.pretraining_tp if config.slow_but_exact else 1
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, residual):
-        h = _linear_gelu(self.dense_h_to_4h, x)  # (B, T, 4C)
-        return _linear_residual(self.dense_4h_to_h, h, residual, self.tp, self.hidden_dropout, self.training)
+    def forward(self, x, residual, lora=None):
+        h = _linear_gelu(self.dense_h_to_4h, x, lora, (self.layer_idx, "dense_h_to_4h"))  # (B, T, 4C)
+        return _linear_residual(self.dense_4h_to_h, h, residual, self.tp, self.hidden_dropout, self.training, lora,
+                                (self.layer_idx, "dense_4h_to_h"))
 
 
 class BloomBlock(nn.Module):
@@ -185,17 +200,17 @@ class BloomBlock(nn.Module):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.self_attention = BloomAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mlp = BloomMLP(config)
+        self.mlp = BloomMLP(config, layer_idx)
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
 
-    def forward(self, x, bias, cache=None, head_mask=None, output_attentions=False, packed=None):
+    def forward(self, x, bias, cache=None, head_mask=None, output_attentions=False, packed=None, lora=None):
         h = self.input_layernorm(x)
         # `apply_residual_connection_post_layernorm`: the residual branch starts after the LayerNorm.
         x, probs = self.self_attention(
-            h, h if self.post_ln_residual else x, bias, cache, head_mask, output_attentions, packed
+            h, h if self.post_ln_residual else x, bias, cache, head_mask, output_attentions, packed, lora
         )
         h = self.post_attention_layernorm(x)
-        return self.mlp(h, h if self.post_ln_residual else x), probs
+        return self.mlp(h, h if self.post_ln_residual else x, lora), probs
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -349,6 +364,7 @@ class BloomModel(BloomPreTrainedModel):
         return_dict: bool | None = None,
         cache: KVCache | None = None,
         packed=None,
+        lora=None,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, S) over cache + new tokens,
         1 = real token (left or right padding both work); past_key_values a `KVCache` to extend
@@ -359,7 +375,10 @@ class BloomModel(BloomPreTrainedModel):
         packed: several sequences' new tokens packed into one row (B = 1, no padding), for an object that
         holds their keys and values itself and attends each row over its own tokens, with its own masks and
         ALiBi positions: `packed.attend(layer, q, k, v, scale)` → (1, H, T, D) (the engine's
-        `bloom.engine.PackedAttention`). No attention_mask, cache, head_mask or attentions then."""
+        `bloom.engine.PackedAttention`). No attention_mask, cache, head_mask or attentions then.
+
+        lora: a `bloom.lora.LoraBatch` naming each row's LoRA adapter (or each packed token's, with packed=),
+        none for the base model (`AdapterBank.batch`): rows with different adapters share the forward."""
         cfg = self.config
         past_key_values = past_key_values if past_key_values is not None else cache
         if packed is not None:
@@ -379,6 +398,8 @@ class BloomModel(BloomPreTrainedModel):
         B, T, _ = inputs_embeds.shape
         if packed is not None and B != 1:
             raise ValueError(f"packed= takes one row of packed tokens, got a batch of {B}")
+        if lora is not None:
+            lora.check(B, T)
         # Any object with KVCache's surface (length, update, advance) serves as the cache.
         if past_key_values is not None and not callable(getattr(past_key_values, "update", None)):
             raise TypeError(
@@ -404,7 +425,7 @@ class BloomModel(BloomPreTrainedModel):
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(x)
-            x, probs = block(x, bias, past_key_values, head_mask[i], output_attentions, packed)
+            x, probs = block(x, bias, past_key_values, head_mask[i], output_attentions, packed, lora)
             if output_attentions:
                 all_attn.append(probs)
         x = self.ln_f(x)
@@ -488,13 +509,14 @@ class BloomForCausalLM(GenerationMixin, _BloomWithHead):
         return_dict=None,
         logits_to_keep: int = 0,
         cache=None,
+        lora=None,
     ) -> CausalLMOutputWithPast | tuple:
-        """As BloomModel, plus labels (B, T) with -100 ignored (shifted inside, as the reference) and
-        logits_to_keep: compute logits for only the last n positions (0 = all)."""
+        """As BloomModel (lora= included), plus labels (B, T) with -100 ignored (shifted inside, as the
+        reference) and logits_to_keep: compute logits for only the last n positions (0 = all)."""
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
             past_key_values=past_key_values, cache=cache,
-            head_mask=head_mask, use_cache=use_cache,
+            head_mask=head_mask, use_cache=use_cache, lora=lora,
         )
         h = body.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -531,6 +553,7 @@ class BloomForSequenceClassification(_BloomWithHead):
         output_hidden_states=None,
         return_dict=None,
         cache=None,
+        lora=None,
     ) -> SequenceClassifierOutputWithPast | tuple:
         """labels: (B,) class ids, (B, num_labels) multi-hot floats, or (B,) / (B, n) regression targets,
         the loss chosen by config.problem_type (inferred as the reference does when unset)."""
@@ -539,7 +562,7 @@ class BloomForSequenceClassification(_BloomWithHead):
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
             past_key_values=past_key_values, cache=cache,
-            head_mask=head_mask, use_cache=False if use_cache is None else use_cache,
+            head_mask=head_mask, use_cache=False if use_cache is None else use_cache, lora=lora,
         )
         logits = self.score(body.last_hidden_state)  # (B, T, num_labels)
         B, T = logits.shape[:2]
@@ -606,11 +629,12 @@ class BloomForTokenClassification(_BloomWithHead):
         output_hidden_states=None,
         return_dict=None,
         cache=None,
+        lora=None,
     ) -> TokenClassifierOutput | tuple:
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
             past_key_values=past_key_values, cache=cache,
-            head_mask=head_mask, use_cache=False if use_cache is None else use_cache,
+            head_mask=head_mask, use_cache=False if use_cache is None else use_cache, lora=lora,
         )
         logits = self.classifier(self.dropout(body.last_hidden_state))
         loss = None
@@ -641,12 +665,13 @@ class BloomForQuestionAnswering(_BloomWithHead):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        lora=None,
     ) -> QuestionAnsweringModelOutput | tuple:
         """start_positions / end_positions (B,): token indices of the answer span; positions outside
         the sequence are ignored by the loss, as in the reference."""
         body = self._body(
             input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states,
-            head_mask=head_mask, use_cache=False,
+            head_mask=head_mask, use_cache=False, lora=lora,
         )
         start, end = self.qa_outputs(body.last_hidden_state).unbind(-1)  # (B, T) each
         start, end = start.contiguous(), end.contiguous()

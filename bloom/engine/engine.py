@@ -38,7 +38,8 @@ class Engine:
     from any thread; `stop()` ends the thread and aborts what is left."""
 
     def __init__(self, model, tokenizer=None, *, cache_tokens: int = 8192, max_seq_len: int = 1024,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, adapters=None):
+        """adapters: a `bloom.lora.AdapterBank` of `model`, for sequences whose params name an adapter."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -46,7 +47,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.device = model.get_input_embeddings().weight.device
         self.cache = SlotKVCache(model, cache_tokens, max_seq_len)
-        self.runner = Runner(self.model, self.cache)
+        self.adapters = adapters
+        self.runner = Runner(self.model, self.cache, adapters)
         self.waiting: deque[Sequence] = deque()  # submitted, no slot yet
         self.prefilling: list[Sequence] = []  # slot held, prompt partly cached
         self.running: list[Sequence] = []  # prompt cached, one token per step
@@ -100,6 +102,10 @@ class Engine:
         if not all(0 <= t < cfg.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {min(prompt)}..{max(prompt)}")
         check_params(params, cfg.vocab_size)
+        if params.adapter is not None:
+            if self.adapters is None:
+                raise ValueError(f"adapter {params.adapter!r} asked for, but the engine has no AdapterBank")
+            self.adapters.check(params.adapter)  # UnknownAdapter, a ValueError
         need = len(prompt) + params.max_new_tokens
         if need > self.cache.max_seq_len:
             raise ValueError(

@@ -42,6 +42,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     min_tokens: int = 0
+    adapter: str | None = None  # a LoRA adapter of the engine's AdapterBank (bloom.lora); None: the base model
 
     @property
     def adjusts_logits(self) -> bool:

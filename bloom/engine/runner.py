@@ -91,8 +91,9 @@ class PackedAttention:
 class Runner:
     """Runs `model` (a BloomForCausalLM) over `cache`, one packed forward per step."""
 
-    def __init__(self, model, cache: SlotKVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: SlotKVCache, adapters=None):
+        """adapters: the `bloom.lora.AdapterBank` that sequences' params.adapter names, or None."""
+        self.model, self.cache, self.adapters = model, cache, adapters
         self.device = model.get_input_embeddings().weight.device
 
     def forward(self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]
@@ -108,7 +109,11 @@ class Runner:
         step = PackedAttention(self.cache, [s.num_cached for s in decoding],
                                [(s.slot, s.num_cached, n) for s, n in plan], self.model.config.n_head,
                                self.cache.keys[0].dtype)
-        h = self.model.transformer(torch.tensor([ids], device=self.device), packed=step,
+        lora = None
+        if self.adapters is not None:  # each packed token runs its sequence's adapter (or the base)
+            names = [s.params.adapter for s in decoding] + [s.params.adapter for s, n in plan for _ in range(n)]
+            lora = self.adapters.batch(names, per_token=True)
+        h = self.model.transformer(torch.tensor([ids], device=self.device), packed=step, lora=lora,
                                    return_dict=True).last_hidden_state[0]  # (N, C)
         scored = [self._prompt_logprobs(s, n, h[o : o + n]) for (s, n), o in zip(plan, step.offsets[len(decoding) :])]
         return self.model.get_output_embeddings()(h[step.last]).float(), scored
