@@ -57,7 +57,7 @@ def run(model, prompts, prefix_cache: bool, prefix_tokens: int | None = None) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--rows", type=int, default=48)
     p.add_argument("--template", type=int, default=400, help="shared template tokens")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
