@@ -5,6 +5,7 @@ The parts, each one file:
   sequence.py   Sequence: one request's prompt, settings, output and engine-side state
   scheduler.py  schedule(): what a step does (admit, decode, prefill chunks), decided without mutating
   cache.py      SlotKVCache: the KV cache, one slot per sequence, allocated once; fit_cache_tokens sizes it
+  prefix.py     PrefixCache: prompt blocks kept by chain hash, copied into a new sequence's slot
   runner.py     Runner / PackedAttention: the packed forward of a step (and prompt logprobs)
   sampler.py    each row's next token with its own settings, and its logprobs
   engine.py     Engine: the step loop, the inbox, groups, and the background thread
@@ -13,7 +14,9 @@ A request is a `Sequence`: its prompt ids, its own `GenerationParams` (max_new_t
 stop strings, eos) and its output, streamed token by token. `Engine.step()` does one round:
 
   1. take new sequences and aborts (an aborted sequence's slot is freed here, before any model call);
-  2. admit waiting sequences in arrival order while a cache slot is free (the scheduler decides 2-3);
+  2. admit waiting sequences in arrival order while a cache slot is free (the scheduler decides 2-3); a
+     sequence whose prefill starts this step first copies its prompt's cached leading blocks from the
+     prefix cache into its slot and prefills only the rest;
   3. one forward for the whole step (`PackedAttention`): one token for every running sequence, plus up to
      `prefill_chunk` prompt tokens of the sequences being prefilled (several short prompts, or the next
      chunk of a long one), packed into one row without padding; so a long prompt delays the running
@@ -37,10 +40,14 @@ Knobs (constructor arguments):
   max_seq_len    the most tokens one sequence may hold, prompt + max_new_tokens (a slot's size).
   prefill_chunk  prompt tokens per step (default 256): smaller keeps the running streams' time per
                  token steadier while prompts arrive, larger prefills faster.
+  prefix_cache   keep prompt blocks for later prompts that start the same way (default True);
+  prefix_cache_tokens  its budget in tokens, allocated at once (default a quarter of cache_tokens),
+                 least recently used blocks evicted.
 
 Guarantees:
   - Greedy output of a sequence is token for token `model.generate` on its prompt alone, whatever
-    joins or leaves around it (tested in float32; bf16 matmuls may round differently per batch shape).
+    joins or leaves around it (tested in float32; bf16 matmuls may round differently per batch shape),
+    and whether or not its prompt's beginning came from the prefix cache.
   - A sequence with a seed samples from its own generator, drawn only by it: the same tokens as
     `model.generate(prompt, do_sample=True, seed=[seed])`, whatever the batch holds.
   - Memory never grows after construction. When the cache is full, new sequences wait (first come,
@@ -58,11 +65,12 @@ Guarantees:
 from .cache import DEFAULT_SLOTS, SlotKVCache, fit_cache_tokens, free_memory, kv_bytes_per_token
 from .engine import Engine
 from .params import GenerationParams, check_params
+from .prefix import PrefixCache
 from .runner import PackedAttention, Runner
 from .scheduler import Decision, schedule
 from .sequence import Sequence
 
 __all__ = [
-    "DEFAULT_SLOTS", "Decision", "Engine", "GenerationParams", "PackedAttention", "Runner", "Sequence",
+    "DEFAULT_SLOTS", "Decision", "Engine", "GenerationParams", "PackedAttention", "PrefixCache", "Runner", "Sequence",
     "SlotKVCache", "check_params", "fit_cache_tokens", "free_memory", "kv_bytes_per_token", "schedule",
 ]

@@ -2,8 +2,9 @@
 
 Each step: take the new sequences and aborts from the inbox (an aborted sequence's slot is freed before
 any model call), ask the scheduler for a decision, apply it (slots, moves that keep the running
-sequences in the first slots), run the packed forward (`Runner`), sample every row (`sampler`), and end
-the sequences that hit eos, a stop string or their max_new_tokens, freeing their slot at once.
+sequences in the first slots, prompt beginnings copied from the prefix cache), run the packed forward (`Runner`), sample every row (`sampler`), and end
+the sequences that hit eos, a stop string or their max_new_tokens, freeing their slot at once; the
+prompt blocks a step completed go into the prefix cache.
 See the package docstring (`bloom.engine`) for the knobs and the guarantees.
 """
 
@@ -21,6 +22,7 @@ import torch
 from ..generation import StopStrings, eos_ids, finish_reason
 from . import sampler
 from .cache import SlotKVCache
+from .prefix import DEFAULT_BLOCK, PrefixCache, root_key
 from .params import GenerationParams, check_params
 from .runner import Runner
 from .sampler import sampling_state
@@ -38,8 +40,12 @@ class Engine:
     from any thread; `stop()` ends the thread and aborts what is left."""
 
     def __init__(self, model, tokenizer=None, *, cache_tokens: int = 8192, max_seq_len: int = 1024,
-                 prefill_chunk: int = 256, adapters=None):
-        """adapters: a `bloom.lora.AdapterBank` of `model`, for sequences whose params name an adapter."""
+                 prefill_chunk: int = 256, adapters=None, prefix_cache: bool = True,
+                 prefix_cache_tokens: int | None = None):
+        """adapters: a `bloom.lora.AdapterBank` of `model`, for sequences whose params name an adapter.
+        prefix_cache: keep prompt blocks for reuse by later prompts that start the same way, under the
+        same adapter (see prefix.py); prefix_cache_tokens: its budget in tokens (None: a quarter of
+        cache_tokens, at least one max_seq_len), allocated at once."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -49,6 +55,10 @@ class Engine:
         self.cache = SlotKVCache(model, cache_tokens, max_seq_len)
         self.adapters = adapters
         self.runner = Runner(self.model, self.cache, adapters)
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = max(cache_tokens // 4, max_seq_len, DEFAULT_BLOCK)
+        self.prefix = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache else None
+        self.prompt_tokens = self.prompt_tokens_reused = 0  # over the prefills started (the prefix hit rate)
         self.waiting: deque[Sequence] = deque()  # submitted, no slot yet
         self.prefilling: list[Sequence] = []  # slot held, prompt partly cached
         self.running: list[Sequence] = []  # prompt cached, one token per step
@@ -137,7 +147,18 @@ class Engine:
                 "running": len(self.running), "slots": self.cache.num_slots,
                 "slots_used": self.cache.num_slots - self.cache.free_slots,
                 "cache_tokens": self.cache.capacity, "cache_tokens_held": sum(s.num_cached for s in held),
-                "ended": dict(self.ended), "mean_rows_per_step": self.rows_stepped / self.steps if self.steps else 0.0}
+                "ended": dict(self.ended), "mean_rows_per_step": self.rows_stepped / self.steps if self.steps else 0.0,
+                **self.prefix_stats()}
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache's use: prompt tokens reused / prompt tokens prefilled (hit rate), blocks held of
+        the pool's, and bytes (of the blocks held, and of the pool, allocated at once); zeros when off."""
+        p = self.prefix
+        return {"prefix_cache": p is not None, "prompt_tokens": self.prompt_tokens,
+                "prefix_tokens_reused": self.prompt_tokens_reused,
+                "prefix_hit_rate": self.prompt_tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0,
+                "prefix_blocks_held": p.blocks_held if p else 0, "prefix_blocks": p.num_blocks if p else 0,
+                "prefix_bytes_held": p.blocks_held * p.block_bytes if p else 0, "prefix_bytes": p.nbytes if p else 0}
 
     # -- driving it
 
@@ -220,16 +241,20 @@ class Engine:
 
     def _step(self) -> list[Sequence]:
         ended = self._take_inbox()
-        decision = schedule(self.waiting, self.prefilling, self.running, self.cache.free_slots, self.prefill_chunk)
+        decision = schedule(self.waiting, self.prefilling, self.running, self.cache.free_slots, self.prefill_chunk,
+                            self._reusable if self.prefix is not None else None)
         self._admit(decision.admit)
         self._compact()  # running sequences into slots 0 .. R-1, where the decode rows read the cache in place
         if decision.idle:
             return ended
         decoding, plan = sorted(decision.decode, key=lambda s: s.slot), list(decision.prefill)
+        self._reuse(plan, decision.reuse)
         logits, scored = self.runner.forward(decoding, plan)  # (R + P, V): decode rows, then prompt chunks
         for s in decoding:
             s.num_cached += 1
         for (s, n), lps in zip(plan, scored):
+            if self.prefix is not None:
+                self.prefix.insert(s.slot, s.prompt_ids, s.num_cached, s.num_cached + n, root_key(s.params.adapter))
             s.num_cached += n
             if lps is not None:
                 s.prompt_logprobs += lps
@@ -289,6 +314,22 @@ class Engine:
             seq.slot = self.cache.allocate()
             seq.times["admitted"] = time.perf_counter()
             self.prefilling.append(seq)
+
+    def _reusable(self, seq: Sequence) -> int:
+        """Prompt tokens the prefix cache could give seq (for the scheduler). None for a sequence that asks
+        for prompt logprobs: they come from the prompt's hidden states, which reuse would skip."""
+        if seq.params.prompt_logprobs is not None:
+            return 0
+        return self.prefix.match(seq.prompt_ids, root_key(seq.params.adapter))
+
+    def _reuse(self, plan: list[tuple[Sequence, int]], reuse: tuple[tuple[Sequence, int], ...]) -> None:
+        """Copy the decided prompt beginnings from the prefix cache into their sequences' slots (after the
+        slot moves of this step), and count the prompts whose prefill starts now."""
+        self.prompt_tokens += sum(len(s.prompt_ids) for s, _ in plan if s.num_cached == 0)
+        for s, n in reuse:
+            self.prefix.reuse(s.slot, s.prompt_ids, n, root_key(s.params.adapter))
+            s.num_cached = n
+            self.prompt_tokens_reused += n
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         rows, logits = self._fork(rows, logits)

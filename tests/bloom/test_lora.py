@@ -220,3 +220,25 @@ def test_sources_other_than_directories_go_through_fetch(base, adapters, tmp_pat
     assert bank.get("fr").r == 4 and fetched == ["s3://bucket/adapters/fr"]
     with pytest.raises(ValueError, match="adapter names"):
         bank.add("generate:fr", adapters["fr"])
+
+
+def test_the_prefix_cache_keeps_each_adapter_s_prompt_blocks_apart(base, adapters):
+    """The same long prompt under the base and two adapters, one after another on one engine: an adapter
+    changes the prompt's keys and values, so a sequence must never reuse blocks cached under another
+    adapter (or the base). Each gets the tokens of an engine without the prefix cache."""
+    model = BloomForCausalLM.from_pretrained(base)
+    prompt = [(7 * i) % 250 + 4 for i in range(40)]  # two full 16-token blocks, then more
+    order = [None, "fr", "legal", "fr", None]
+
+    def run(prefix_cache: bool) -> list[list[int]]:
+        engine = Engine(model, cache_tokens=2 * 64, max_seq_len=64, adapters=bank_for(model, adapters),
+                        prefix_cache=prefix_cache, prefix_cache_tokens=256 if prefix_cache else None)
+        out = [engine.generate([prompt], [GenerationParams(max_new_tokens=8, eos_token_id=(), adapter=a)])[0].output_ids
+               for a in order]
+        if prefix_cache:  # the repeats (fr, base) did reuse their own adapter's blocks
+            assert engine.stats()["prefix_tokens_reused"] == 2 * 32
+        return out
+
+    cached, fresh = run(True), run(False)
+    assert cached == fresh
+    assert len({tuple(t) for t in fresh}) == 3  # base, fr and legal really differ on this prompt
