@@ -8,7 +8,8 @@ import pytest
 from pipelines.config import LabelConfig
 from pipelines.corpus.job import PARTS_DIR, plan_label_job, run_label_job
 from tests.jobs.test_label_corpus import load_script
-from tests.pipelines.conftest import corpus_rows, write_corpus
+from pipelines import delta
+from tests.pipelines.conftest import corpus_rows, moto_server, store, uri, write_corpus
 
 
 def table(path):
@@ -44,6 +45,19 @@ def test_delta_output_holds_every_row_once_in_one_commit_and_a_rerun_adds_none(r
     # The same output in the other format is refused, naming it.
     with pytest.raises(ValueError, match="Delta table written with --output-format delta"):
         plan_label_job(LabelConfig(task="classify", model=config.model, input=config.input, output=str(out)))
+
+
+def test_on_s3_the_table_is_published_once(ray_cluster, checkpoints, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", corpus_rows(12), files=1)
+    with moto_server() as endpoint:
+        store(endpoint).create_dir("labels")
+        out = uri(endpoint, "labels/ner")
+        config = LabelConfig(task="ner", model=str(checkpoints["ner"]), input=[str(corpus)], output=out,
+                             output_format="delta")
+        assert run_label_job(config)["table_version"] == 0
+        rows = delta.open_table(out).to_pyarrow_table()
+        assert sorted(rows.column("id").to_pylist()) == [f"r{i:04d}" for i in range(12)]
+        assert plan_label_job(config).finished and delta.open_table(out).version() == 0
 
 
 def test_a_bad_output_format_is_refused_naming_the_choices(capsys, tmp_path):
