@@ -329,3 +329,44 @@ def upkeep(uri: str, retention_hours: float, state: dict) -> dict:
         out[name] = {"files_removed": compacted["numFilesRemoved"], "files_added": compacted["numFilesAdded"],
                      "vacuumed": len(vacuumed)}
     return out
+
+
+# ------------------------------------------------------------------------ the labeling job's table
+
+LABELS = "bloomline.labels"  # commit-metadata key of a labeling job's publish commit: {"fingerprint", "rows"}
+
+
+def published_fingerprint(uri: str) -> str | None:
+    """The run fingerprint in the newest commit of the labeling job's table at `uri` (None: no table,
+    or its newest commit was not a publish of the labeling job)."""
+    table = open_table(uri)
+    if table is None:
+        return None
+    meta = json.loads(table.history(1)[0].get(LABELS, "null"))
+    return meta.get("fingerprint") if isinstance(meta, dict) else None
+
+
+def publish_parts(uri: str, parts: list[str], metadata: dict) -> int:
+    """Replace the table at `uri` by the rows of the Parquet files `parts`, in ONE overwrite commit with
+    `metadata` under LABELS: readers see the previous version or all of these rows, never some. The
+    files are streamed (one at a time in memory), cast to the union of their footers' schemas; the
+    table's schema is replaced (an --overwrite with another task). Returns the new table version."""
+    from deltalake import write_deltalake
+
+    parts = sorted(parts)
+    schema = pa.unify_schemas([storage.read_footer(p).schema.to_arrow_schema() for p in parts]) if parts else pa.schema([])
+
+    def batches():
+        for part in parts:
+            with storage.open_input(part) as f:
+                table = pq.read_table(f)
+            for name in schema.names:  # a part may lack a column another has (all null there)
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+            yield from table.select(schema.names).cast(schema).to_batches()
+
+    location, options = table_location(uri)
+    write_deltalake(location, pa.RecordBatchReader.from_batches(schema, batches()), mode="overwrite",
+                    schema_mode="overwrite", storage_options=options,
+                    commit_properties=_commit_properties({LABELS: metadata}))
+    return open_table(uri).version()

@@ -55,7 +55,7 @@ logger = logging.getLogger("bloomline")
 LEDGER, LOCK, MANIFEST, REPORT = "_ledger.json", "_lock", "_nightly.json", "_report.json"
 LEDGER_VERSION = 1
 # Settings that belong to the whole job, not to one annotator.
-JOB_LEVEL = frozenset({"input", "output", "overwrite", "id_column", "keep_columns"})
+JOB_LEVEL = frozenset({"input", "output", "overwrite", "id_column", "keep_columns", "output_format"})
 
 
 class LockHeld(RuntimeError):

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import bloom
 from bloom.engine import kv_bytes_per_token
 
-from .. import storage
+from .. import delta, storage
 from ..config import LabelConfig, model_fingerprint
 from . import (CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending, plan,
                      read_row_groups, scan_output, verify, write_part)
@@ -31,6 +31,7 @@ from ..tasks import TASKS
 
 logger = logging.getLogger("bloomline")
 RUN_FILE, REPORT_FILE = "_run.json", "_report.json"
+PARTS_DIR = "_parts"  # output_format delta: where the parts, _run.json and _report.json live, under the table
 
 
 class JobFailed(RuntimeError):
@@ -173,6 +174,24 @@ def check_checkpoint(config: LabelConfig) -> LabelConfig:
     return config
 
 
+def parts_config(config: LabelConfig) -> LabelConfig:
+    """The config whose output is where the parts go: the output itself (parquet), or <output>/_parts
+    (delta), so the exactly-once parts machinery is the same for both and the table is published from it."""
+    if config.output_format != "delta":
+        return config
+    return dataclasses.replace(config, output=storage.join(config.output, PARTS_DIR))
+
+
+def check_format(config: LabelConfig) -> None:
+    """ValueError when the output was written in the other format (parts at its root, or a Delta log)."""
+    if config.output_format == "delta" and storage.exists(storage.join(config.output, RUN_FILE)):
+        raise ValueError(f"output {config.output} holds Parquet parts written with --output-format parquet; "
+                         "keep that or use another output")
+    if config.output_format == "parquet" and storage.exists(storage.join(config.output, "_delta_log")):
+        raise ValueError(f"output {config.output} is a Delta table written with --output-format delta; "
+                         "keep that or use another output")
+
+
 def check_job(config: LabelConfig) -> LabelConfig:
     """The checks that need no cluster (`check_checkpoint`, an output given); the config to run."""
     if not config.output:
@@ -279,7 +298,10 @@ def plan_label_job(config: LabelConfig) -> LabelPlan:
     model_id = model_fingerprint(config.model)
     fingerprint = config.fingerprint(model_id)
     check_output(config.output)
-    return LabelPlan(config, files, corpus, model_id, fingerprint, _finished(config, fingerprint, corpus))
+    check_format(config)
+    finished = _finished(parts_config(config), fingerprint, corpus) and (
+        config.output_format != "delta" or delta.published_fingerprint(config.output) == fingerprint)
+    return LabelPlan(config, files, corpus, model_id, fingerprint, finished)
 
 
 def _finished(config: LabelConfig, fingerprint: str, corpus: CorpusPlan) -> bool:
@@ -298,6 +320,14 @@ def _finished(config: LabelConfig, fingerprint: str, corpus: CorpusPlan) -> bool
     return not state.overlaps and not pending(corpus.units, state)
 
 
+def _publish(table_uri: str, parts_dir: str, fingerprint: str, rows: int) -> int:
+    """The table's version holding every labeled row: a new commit of all parts, unless its newest
+    commit already is this run's (a rerun of a finished job adds none)."""
+    if delta.published_fingerprint(table_uri) == fingerprint:
+        return delta.open_table(table_uri).version()
+    return delta.publish_parts(table_uri, list_parts(parts_dir), {"fingerprint": fingerprint, "rows": rows})
+
+
 def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict:
     """Label config.input into config.output on the Ray cluster this process is connected to (none is
     needed when `planned`, from `plan_label_job(config)`, says the output is finished).
@@ -309,6 +339,7 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
     planned = planned or plan_label_job(config)
     config, files, corpus, model_id, fingerprint = (planned.config, planned.files, planned.corpus, planned.model_id,
                                                     planned.fingerprint)
+    table_uri, config = config.output, parts_config(config)  # delta: label into <output>/_parts, publish after
     rows_in = corpus.rows
     todo, pool = [], None
     if not planned.finished:
@@ -362,7 +393,7 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
         "input_tokens": state.tokens, "wall_seconds": round(wall, 3),
         "rows_per_second": round(run_rows / wall, 3) if wall else None,
         "tokens_per_second": round(run_tokens / wall, 3) if wall else None,
-        "pool": pool, "parameters": config.task_params(), "input_files": len(files), "output": config.output,
+        "pool": pool, "parameters": config.task_params(), "input_files": len(files), "output": table_uri,
         "parts": state.parts, "units": len(corpus.units),
         "errors_this_run": {reason: {"rows": n, "sample_ids": ids}
                             for reason, (n, ids) in sorted(errors.items(), key=lambda e: -e[1][0])},
@@ -378,6 +409,8 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
     problems += error_problems(state.errored, rows_in, config)
     if problems:
         report["status"], report["problems"] = "failed", problems
+    elif config.output_format == "delta":
+        report["table_version"] = _publish(table_uri, config.output, fingerprint, state.rows)
     report_uri = storage.join(config.output, REPORT_FILE)
     report["earlier_runs"] = _earlier_runs(report_uri)
     storage.put_json(report_uri, report)

@@ -133,6 +133,9 @@ _DECLARED = [
     Setting("max_errored_fraction", Optional[float], 0.1, "fail the job past this fraction of errored rows",
             role="resource", ge=0, le=1),
     Setting("overwrite", bool, False, "replace an output written with other settings", role="resource"),
+    Setting("output_format", str, "parquet", "parquet: the parts in the output directory, readable as they are "
+            "written; delta: the parts under <output>/_parts/, published as one Delta Lake commit to the table at "
+            "the output when every row is labeled", role="resource", choices=("parquet", "delta")),
     # --- resources ---
     Setting("dtype", str, "fast", "fast (bfloat16 where the hardware computes it fast, else float32), float32, "
             "bfloat16, float16, or auto (the checkpoint's)", role="resource"),
