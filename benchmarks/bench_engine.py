@@ -30,12 +30,11 @@ import statistics
 import time
 from pathlib import Path
 
-from common import describe, machine, write_results
+from common import describe, machine, random_lm, write_results
 
 import torch
 
 import bloom
-from bloom.tiny import randomise_
 
 ROOT = Path(__file__).resolve().parent
 MAX_NEW = 256
@@ -83,11 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_engine.json")
     args = p.parse_args(argv)
 
-    torch.manual_seed(0)
-    cfg = bloom.BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers,
-                            n_head=args.hidden // 64, eos_token_id=2, pad_token_id=3)
-    model = randomise_(bloom.BloomForCausalLM(cfg).eval(), std=0.3)
-    packed = model.pack_for_cpu()
+    model, packed = random_lm(args)
     prompts, lengths = corpus(args.rows, args.vocab)
     budget = args.batch_rows * (48 + MAX_NEW)  # the static batch's padded tokens at its longest
     generated = sum(lengths)

@@ -22,13 +22,11 @@ import statistics
 import time
 from pathlib import Path
 
-from common import describe, machine, write_results
+from common import describe, machine, random_lm, write_results
 
-import torch
 
 import bloom
 from bloom.engine.prefix import DEFAULT_BLOCK
-from bloom.tiny import randomise_
 
 ROOT = Path(__file__).resolve().parent
 NEW_TOKENS = 8
@@ -67,11 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_prefix.json")
     args = p.parse_args(argv)
 
-    torch.manual_seed(0)
-    cfg = bloom.BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers,
-                            n_head=args.hidden // 64, eos_token_id=2, pad_token_id=3)
-    model = randomise_(bloom.BloomForCausalLM(cfg).eval(), std=0.3)
-    packed = model.pack_for_cpu()
+    model, packed = random_lm(args)
     prompts = corpus(args.rows, 1, args.template, args.vocab)
     info = machine()
     print(f"machine: {describe(info)}, {info['threads']} threads")

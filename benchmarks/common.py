@@ -97,3 +97,18 @@ def bench_main(argv, doc: str, out: Path, add_arguments, run, show) -> int:
     show(results)
     write_results(results, args.out)
     return 0
+
+
+def random_lm(args) -> tuple:
+    """A random-weight BloomForCausalLM of args.hidden / args.layers / args.vocab (wide weights, so
+    generations vary), packed for CPU as the replica runs it: (model, number of Linear packed)."""
+    import torch
+
+    import bloom
+    from bloom.tiny import randomise_
+
+    torch.manual_seed(0)
+    cfg = bloom.BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers,
+                            n_head=args.hidden // 64, eos_token_id=2, pad_token_id=3)
+    model = randomise_(bloom.BloomForCausalLM(cfg).eval(), std=0.3)
+    return model, model.pack_for_cpu()

@@ -12,18 +12,8 @@ import bloom
 from bloom import Engine, GenerationParams
 from bloom.tiny import SAMPLE_TEXT
 
-STD = 0.3  # wide random weights: varied, non-repeating generations
+from tests.bloom.engine.conftest import STD
 
-
-@pytest.fixture(scope="module")
-def lm(make_checkpoint):
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=STD, seed=1))
-
-
-@pytest.fixture(scope="module")
-def text_lm(make_checkpoint, tokenizer):
-    """A model whose vocabulary is the tokenizer's, for stop strings."""
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=STD, seed=2, vocab_size=len(tokenizer)))
 
 
 def alone(model, prompt, params, tokenizer=None):

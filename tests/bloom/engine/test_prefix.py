@@ -8,18 +8,13 @@ import random
 import pytest
 import torch
 
-import bloom
 from bloom.engine import Engine, GenerationParams, schedule
 from bloom.engine.prefix import DEFAULT_BLOCK as B, PrefixCache
 
-from .test_engine import STD, alone, count_fed_tokens, drive
+from .test_engine import alone, count_fed_tokens, drive
 
 GREEDY = GenerationParams(max_new_tokens=10, eos_token_id=())
 
-
-@pytest.fixture(scope="module")
-def lm(make_checkpoint):
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=STD, seed=1))
 
 
 def tokens(rng, n):

@@ -8,10 +8,6 @@ import bloom
 from bloom.engine import PackedAttention, SlotKVCache
 
 
-@pytest.fixture(scope="module")
-def lm(make_checkpoint):
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=0.3, seed=1))
-
 
 def test_packed_prompts_equal_each_prompt_alone_and_fill_their_slots(lm):
     prompts = [[5, 9, 11, 40, 7], [8, 3], [100, 101, 102, 103, 104, 105, 106]]

@@ -7,24 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-import bloom
 from bloom.engine import Engine, GenerationParams
 from tests.bloom.engine.test_engine import alone
 
-STD = 0.3
 PROMPTS = [[5, 9, 11, 40, 7], [8, 3], [100, 101, 102, 103, 104], [60, 61, 62]]
 NEW = 12
 
-
-@pytest.fixture(scope="module")
-def lm(make_checkpoint):
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=STD, seed=1))
-
-
-@pytest.fixture(scope="module")
-def text_lm(make_checkpoint, tokenizer):
-    """A model whose vocabulary is the tokenizer's, for stop strings (it repeats itself after this prompt)."""
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=STD, seed=2, vocab_size=len(tokenizer)))
 
 
 def reference(model, prompt, n, frequency=0.0, presence=0.0, bias=None):

@@ -1,17 +1,11 @@
 """The scheduler decides a step from the engine's queues and changes nothing: admission in arrival order
 within the free slots (a group waits for a slot per sequence), decode rows, prompt chunks within the budget."""
 
-import pytest
 
-import bloom
 from bloom.engine import Engine, GenerationParams, schedule
 
 LONG = GenerationParams(max_new_tokens=8, eos_token_id=())
 
-
-@pytest.fixture(scope="module")
-def lm(make_checkpoint):
-    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=0.3, seed=1))
 
 
 def snapshot(engine):
