@@ -50,6 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_serve_generate.py --baseline 52de9e6
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_constrained.py
 	$(PY) benchmarks/bench_engine.py --hidden 1024 --vocab 16384 --repeats 1 --out benchmarks/results/bench_engine_1024.json
 	$(PY) benchmarks/bench_scale.py
 

@@ -74,7 +74,8 @@ class Constraint:
                 raise ValueError(f"a json_schema constraint's schema is not valid JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise ValueError(f"a json_schema constraint needs a JSON object (dict), got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True, ensure_ascii=False))
+        # Keys keep their order: the output writes the properties in the schema's order.
+        return cls("json_schema", json.dumps(schema, ensure_ascii=False))
 
     @classmethod
     def json_object(cls) -> "Constraint":
