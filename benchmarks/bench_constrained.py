@@ -36,6 +36,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 import bloom
 from bloom import Engine, GenerationParams
 from bloom.config import BloomConfig
+from bloom.engine import sampler
 from bloom.engine.constraints import Constrainer, Constraint
 from bloom.tiny import SAMPLE_TEXT, randomise_
 from bloom.tokenizer import BloomTokenizerFast
@@ -108,11 +109,10 @@ def mask_cost(tokenizer, kind: str) -> dict:
     for k in range(max(map(len, walks))):
         live = [i for i in range(BATCH) if k < len(walks[i])]
         start = time.perf_counter()
-        allowed = constrainer._compute([matchers[i] for i in live])
+        forbidden = constrainer._compute([matchers[i] for i in live])
         compute.append(time.perf_counter() - start)
         start = time.perf_counter()
-        masked = logits.clone()
-        masked[live] = masked[live].masked_fill_(~allowed, float("-inf"))
+        sampler.constrained(logits, live, forbidden, copy=True)
         apply.append(time.perf_counter() - start)
         for i in live:
             assert matchers[i].consume_token(walks[i][k]), (kind, matchers[i].get_error())

@@ -2,8 +2,8 @@
 
 A `Constraint` is the spec (in `GenerationParams.constraint`). The engine's `Constrainer` compiles each
 distinct spec once (llguidance, against the engine's tokenizer at the model's vocabulary size), gives
-every constrained sequence its own matcher (a copy of the compiled one), and computes the set of tokens
-each may take next as a (K, V) bool mask that the sampler applies (-inf outside it) before the choice.
+every constrained sequence its own matcher (a copy of the compiled one), and computes the tokens each
+may not take next as a (K, V) bool mask that the sampler applies (-inf there) before the choice.
 
 Why llguidance: measured at BLOOM's 250,880 tokens (docs/engine.md) it computes a batch of 16 masks in
 about 1-2 ms for a JSON Schema and a regex alike, compiles a schema in about a millisecond (the offline
@@ -146,9 +146,13 @@ class Constrainer:
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-masks")
+        # One torch thread for the worker's unpacking (a thread's own OpenMP setting): the forward it
+        # overlaps keeps the cores.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-masks",
+                                          initializer=torch.set_num_threads, initargs=(1,))
         self._pending: tuple[Future, dict[int, int]] | None = None  # (masks, sequence id → row)
-        self._bits = torch.arange(32, dtype=torch.int32)
+        # Byte → its 8 bits, 1 where the token is NOT allowed (bit clear), least significant bit first.
+        self._zero_bits = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1 == 0).to(torch.uint8)
 
     def matcher(self, constraint: Constraint):
         """A fresh matcher for `constraint` (its own state; the compiled grammar is shared and kept).
@@ -177,15 +181,16 @@ class Constrainer:
 
     def prefetch(self, seqs: list["Sequence"]) -> None:
         """Start computing the next masks of the constrained, unfinished `seqs` on the worker thread, so
-        they are ready when `allowed` asks for them after the next forward."""
+        they are ready when `forbidden` asks for them after the next forward."""
         self._join()
         live = [s for s in seqs if s.sampling.matcher is not None and not s.finished]
         if live:
             self._pending = (self._worker.submit(self._compute, [s.sampling.matcher for s in live]),
                              {s.id: i for i, s in enumerate(live)})
 
-    def allowed(self, rows: list["Sequence"]) -> tuple[list[int], torch.Tensor] | None:
-        """(the indices of the constrained rows, their (K, V) bool masks of allowed tokens), or None when
+    def forbidden(self, rows: list["Sequence"]) -> tuple[list[int], torch.Tensor] | None:
+        """(the indices of the constrained rows, their (K, V) bool masks of the tokens they may not take
+        next), or None when
         no row is constrained. Uses the prefetched masks, computing here the ones not prefetched (a
         sequence that has just finished its prompt)."""
         index = [i for i, s in enumerate(rows) if s.sampling.matcher is not None]
@@ -210,14 +215,15 @@ class Constrainer:
         return future.result(), ready
 
     def _compute(self, matchers: list) -> torch.Tensor:
-        """Each matcher's next allowed tokens → (K, V) bool. llguidance fills K packed bitmasks on its own
-        threads (GIL released); unpacking is torch ops (GIL released too)."""
-        words = (self.vocab_size + 31) // 32
-        bitmask = torch.empty(len(matchers), words, dtype=torch.int32)
+        """Each matcher's next forbidden tokens → (K, V) bool. llguidance fills K packed bitmasks (bit j of
+        int32 word w: token 32w + j allowed) on its own threads, GIL released; unpacking is one table
+        lookup per byte (little-endian: byte b of word w holds tokens 32w + 8b ..), GIL released too."""
+        K, words = len(matchers), (self.vocab_size + 31) // 32
+        bitmask = torch.empty(K, words, dtype=torch.int32)
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
-                                               words * 4, len(matchers))
-        bits = (bitmask.unsqueeze(-1) >> self._bits) & 1  # (K, words, 32): bit j of word w is token 32w + j
-        return bits.view(len(matchers), -1)[:, : self.vocab_size].bool()
+                                               words * 4, K)
+        unpacked = torch.nn.functional.embedding(bitmask.view(torch.uint8).int(), self._zero_bits)  # (K, 4·words, 8)
+        return unpacked.view(K, -1)[:, : self.vocab_size].bool()
 
     def close(self) -> None:
         self._join()

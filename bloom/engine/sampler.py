@@ -4,7 +4,7 @@ Rows sample independently (a mixed batch: greedy beside sampled, each with its o
 top-p, repetition penalty and generator) through `bloom.generation.next_token`, the same function as the
 static `model.generate`, so a sequence's tokens equal `generate` on its prompt alone. OpenAI's
 logit_bias, frequency and presence penalties and min_tokens change a copy of a row's logits first; then a
-constrained row's tokens outside its constraint are set to -inf (`constraints.Constrainer.allowed`). Log-probabilities
+constrained row's tokens outside its constraint are set to -inf (`constraints.Constrainer.forbidden`). Log-probabilities
 are of the model's own distribution: log_softmax of the fp32 logits, before any setting changes them.
 """
 
@@ -38,19 +38,17 @@ def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int,
 
 
 def sample(rows: list[Sequence], logits: torch.Tensor,
-           allowed: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
+           forbidden: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
     """fp32 logits (B, V), one row per sequence → each sequence's next token. The logits are not changed
-    (OpenAI's settings and the constraints work on a copy). allowed: (row indices, (K, V) bool) the
-    constrained rows' allowed tokens. Draws from each sampled row's own generator and counts the token
+    (OpenAI's settings and the constraints work on a copy). forbidden: (row indices, (K, V) bool) the
+    tokens the constrained rows may not take. Draws from each sampled row's own generator and counts the token
     in its sampler state, and advances its constraint's matcher (the only state it moves on)."""
     states = [s.sampling for s in rows]
     adjusts = any(s.params.adjusts_logits for s in rows)
     if adjusts:
         logits = adjusted(rows, logits.clone())
-    if allowed is not None:
-        index, mask = allowed
-        logits = logits if adjusts else logits.clone()
-        logits[index] = logits[index].masked_fill_(~mask.to(logits.device, non_blocking=True), float("-inf"))
+    if forbidden is not None:
+        logits = constrained(logits, *forbidden, copy=not adjusts)
     seen = None
     if any(st.seen is not None for st in states):
         none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -63,6 +61,17 @@ def sample(rows: list[Sequence], logits: torch.Tensor,
             st.counts[token] += 1
     consume(rows, tokens)
     return tokens
+
+
+def constrained(logits: torch.Tensor, index: list[int], forbidden: torch.Tensor, copy: bool) -> torch.Tensor:
+    """logits (B, V) with -inf where `forbidden` (K, V) is set, in rows `index` (ascending); on a copy
+    when `copy`. All rows constrained (the labeling job's usual batch) is one masked_fill pass."""
+    forbidden = forbidden.to(logits.device, non_blocking=True)
+    if len(index) == logits.shape[0]:
+        return logits.masked_fill(forbidden, float("-inf")) if copy else logits.masked_fill_(forbidden, float("-inf"))
+    logits = logits.clone() if copy else logits
+    logits[index] = logits[index].masked_fill_(forbidden, float("-inf"))
+    return logits
 
 
 def adjusted(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
