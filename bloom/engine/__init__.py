@@ -7,6 +7,8 @@ The parts, each one file:
   cache.py      SlotKVCache: the KV cache, one slot per sequence, allocated once; fit_cache_tokens sizes it
   runner.py     Runner / PackedAttention: the packed forward of a step (and prompt logprobs)
   sampler.py    each row's next token with its own settings, and its logprobs
+  constraints.py  Constraint (choice, regex, JSON Schema, Lark grammar) and the Constrainer: compiled
+                specs, per-sequence matchers, the next masks computed while the model runs
   engine.py     Engine: the step loop, the inbox, groups, and the background thread
 
 A request is a `Sequence`: its prompt ids, its own `GenerationParams` (max_new_tokens, sampling, seed,
@@ -56,6 +58,7 @@ Guarantees:
 """
 
 from .cache import DEFAULT_SLOTS, SlotKVCache, fit_cache_tokens, free_memory, kv_bytes_per_token
+from .constraints import Constraint
 from .engine import Engine
 from .params import GenerationParams, check_params
 from .runner import PackedAttention, Runner
@@ -63,6 +66,6 @@ from .scheduler import Decision, schedule
 from .sequence import Sequence
 
 __all__ = [
-    "DEFAULT_SLOTS", "Decision", "Engine", "GenerationParams", "PackedAttention", "Runner", "Sequence",
+    "DEFAULT_SLOTS", "Constraint", "Decision", "Engine", "GenerationParams", "PackedAttention", "Runner", "Sequence",
     "SlotKVCache", "check_params", "fit_cache_tokens", "free_memory", "kv_bytes_per_token", "schedule",
 ]
