@@ -8,6 +8,8 @@ The parts, each one file:
   prefix.py     PrefixCache: prompt blocks kept by chain hash, copied into a new sequence's slot
   runner.py     Runner / PackedAttention: the packed forward of a step (and prompt logprobs)
   sampler.py    each row's next token with its own settings, and its logprobs
+  constraints.py  Constraint (choice, regex, JSON Schema, Lark grammar) and the Constrainer: compiled
+                specs, per-sequence matchers, the next masks computed while the model runs
   engine.py     Engine: the step loop, the inbox, groups, and the background thread
 
 A request is a `Sequence`: its prompt ids, its own `GenerationParams` (max_new_tokens, sampling, seed,
@@ -63,6 +65,7 @@ Guarantees:
 """
 
 from .cache import DEFAULT_SLOTS, SlotKVCache, fit_cache_tokens, free_memory, kv_bytes_per_token
+from .constraints import Constraint
 from .engine import Engine
 from .params import GenerationParams, check_params
 from .prefix import PrefixCache
@@ -71,6 +74,7 @@ from .scheduler import Decision, schedule
 from .sequence import Sequence
 
 __all__ = [
-    "DEFAULT_SLOTS", "Decision", "Engine", "GenerationParams", "PackedAttention", "PrefixCache", "Runner", "Sequence",
+    "DEFAULT_SLOTS", "Constraint", "Decision", "Engine", "GenerationParams", "PackedAttention", "PrefixCache", "Runner",
+    "Sequence",
     "SlotKVCache", "check_params", "fit_cache_tokens", "free_memory", "kv_bytes_per_token", "schedule",
 ]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..generation import StopStrings, eos_ids, finish_reason
-from . import sampler
+from . import constraints, sampler
 from .cache import SlotKVCache
 from .prefix import DEFAULT_BLOCK, PrefixCache, root_key
 from .params import GenerationParams, check_params
@@ -69,6 +69,8 @@ class Engine:
         self._stopping = False
         self.ended: dict[str, int] = {}  # sequences ended so far, by finish_reason
         self.steps = self.rows_stepped = 0  # steps with a forward, and the rows they fed (mean occupancy)
+        self._constrainer: constraints.Constrainer | None = None  # built at the first constrained submit
+        self._constrainer_lock = threading.Lock()
 
     # -- any thread
 
@@ -121,9 +123,21 @@ class Engine:
             raise ValueError(
                 f"a prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} = {need} tokens can never "
                 f"fit the engine's KV cache slots of {self.cache.max_seq_len} tokens (max_seq_len)")
-        sampling = sampling_state(params, prompt, cfg.vocab_size, self.device)
+        matcher = self._constraints().matcher(params.constraint) if params.constraint is not None else None
+        sampling = sampling_state(params, prompt, cfg.vocab_size, self.device, matcher)
         stop = StopStrings(params.stop_strings, self.tokenizer)
         return Sequence(prompt, params, sampling, stop, eos_ids(cfg, params.eos_token_id), on_token)
+
+    def _constraints(self) -> constraints.Constrainer:
+        """The engine's Constrainer, built on first use (it needs the tokenizer)."""
+        with self._constrainer_lock:
+            if self._constrainer is None:
+                if self.tokenizer is None:
+                    raise ValueError("a constraint needs the engine's tokenizer: Engine(model, tokenizer)")
+                eos = eos_ids(self.model.config, None)
+                self._constrainer = constraints.Constrainer(self.tokenizer, self.model.config.vocab_size,
+                                                            list(eos) or None)
+            return self._constrainer
 
     def _enqueue(self, seqs: list[Sequence]) -> None:
         with self._wake:
@@ -341,13 +355,15 @@ class Engine:
             rows, logits = [rows[i] for i in keep], logits[keep]
             if not rows:
                 return ended
-        tokens = sampler.sample(rows, logits)
+        forbidden = self._constrainer.forbidden(rows) if self._constrainer is not None else None
+        tokens = sampler.sample(rows, logits, forbidden)
         for s, lp in zip(rows, sampler.logprobs(rows, logits, tokens)):
             if lp is not None:  # recorded before the token is emitted
                 s.logprobs.append(lp)
         for s, token in zip(rows, tokens):
             reason = finish_reason(token, len(s.output_ids) + 1, s.params.max_new_tokens, s.eos, s.stop,
                                    s.params.min_tokens)
+            reason = constraints.end_reason(s, reason)
             try:
                 s._emit(token, reason)
             except Exception as exc:  # a failing callback ends its own sequence, not the batch
@@ -357,6 +373,8 @@ class Engine:
             if reason is not None:
                 self._end(s, reason, s.error)
                 ended.append(s)
+        if self._constrainer is not None:  # the next masks, computed while the next forward runs
+            self._constrainer.prefetch(rows)
         return ended
 
     # -- groups and log-probabilities (engine thread only)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..generation import check_max_new_tokens
+from .constraints import Constraint
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,13 @@ class GenerationParams:
     by count · frequency_penalty + (count > 0) · presence_penalty, count = how often it is among the
     tokens generated so far (the prompt is not counted; negative values encourage repeats);
     min_tokens: no eos and no stop string ends the sequence before it has generated this many tokens
-    (the eos logits are -inf until then), at most max_new_tokens."""
+    (the eos logits are -inf until then), at most max_new_tokens.
+
+    constraint: the output must match a choice, a regex, a JSON Schema or a Lark grammar
+    (`bloom.engine.constraints.Constraint`; a one-key dict such as {"json_schema": {...}} is taken too);
+    tokens outside it are -inf before the choice, after logit_bias and the penalties. The sequence ends with
+    "stop" once the structure is complete and nothing may follow; if it ends before (max_new_tokens, a
+    stop string) `Sequence.incomplete` is set. Compiled at submit: a spec that cannot be is a ValueError."""
 
     max_new_tokens: int = 20
     do_sample: bool = False
@@ -43,6 +50,11 @@ class GenerationParams:
     presence_penalty: float = 0.0
     min_tokens: int = 0
     adapter: str | None = None  # a LoRA adapter of the engine's AdapterBank (bloom.lora); None: the base model
+    constraint: Constraint | None = None
+
+    def __post_init__(self):
+        if isinstance(self.constraint, dict):  # frozen: set through object
+            object.__setattr__(self, "constraint", Constraint.of(self.constraint))
 
     @property
     def adjusts_logits(self) -> bool:
@@ -70,6 +82,11 @@ def check_params(params: GenerationParams, vocab_size: int) -> None:
     m = params.min_tokens
     if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= params.max_new_tokens:
         raise ValueError(f"min_tokens must be an integer in [0, max_new_tokens={params.max_new_tokens}], got {m!r}")
+    c = params.constraint
+    if c is not None and not isinstance(c, Constraint):
+        raise ValueError(f"constraint must be a Constraint or None, got {type(c).__name__}")
+    if c is not None and m:  # min_tokens holds eos back, the grammar may allow nothing else
+        raise ValueError("min_tokens cannot be combined with a constraint: the constraint decides where the output ends")
     bias = params.logit_bias
     if bias is None:
         return

@@ -3,7 +3,8 @@
 Rows sample independently (a mixed batch: greedy beside sampled, each with its own temperature, top-k,
 top-p, repetition penalty and generator) through `bloom.generation.next_token`, the same function as the
 static `model.generate`, so a sequence's tokens equal `generate` on its prompt alone. OpenAI's
-logit_bias, frequency and presence penalties and min_tokens change a copy of a row's logits first. Log-probabilities
+logit_bias, frequency and presence penalties and min_tokens change a copy of a row's logits first; then a
+constrained row's tokens outside its constraint are set to -inf (`constraints.Constrainer.forbidden`). Log-probabilities
 are of the model's own distribution: log_softmax of the fp32 logits, before any setting changes them.
 """
 
@@ -12,17 +13,19 @@ from __future__ import annotations
 import torch
 
 from ..generation import SamplingParams, next_token, sampling_params, token_logprobs
+from .constraints import consume
 from .params import GenerationParams
 from .sequence import SamplingState, Sequence
 
 
-def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int, device: torch.device
-                   ) -> SamplingState:
+def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int, device: torch.device,
+                   matcher=None) -> SamplingState:
     """A sequence's sampler state: its sampling row (settings checked, its own generator), the (V,) mask of
     tokens seen (the prompt's) when it has a repetition penalty, zero counts when it has a frequency or
-    presence penalty, and its logit_bias as tensors. Raises ValueError naming a bad setting."""
+    presence penalty, its logit_bias as tensors, and `matcher` (its constraint's, from the engine's
+    Constrainer). Raises ValueError naming a bad setting."""
     state = SamplingState(sampling_params(1, device, params.do_sample, params.temperature, params.top_k,
-                                          params.top_p, params.repetition_penalty, params.seed))
+                                          params.top_p, params.repetition_penalty, params.seed), matcher=matcher)
     if params.repetition_penalty != 1:
         state.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         state.seen[torch.tensor(prompt, device=device)] = True
@@ -34,13 +37,18 @@ def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int,
     return state
 
 
-def sample(rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+def sample(rows: list[Sequence], logits: torch.Tensor,
+           forbidden: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
     """fp32 logits (B, V), one row per sequence → each sequence's next token. The logits are not changed
-    (OpenAI's settings work on a copy). Draws from each sampled row's own generator and counts the token
-    in its sampler state (the only state it moves on)."""
+    (OpenAI's settings and the constraints work on a copy). forbidden: (row indices, (K, V) bool) the
+    tokens the constrained rows may not take. Draws from each sampled row's own generator and counts the token
+    in its sampler state, and advances its constraint's matcher (the only state it moves on)."""
     states = [s.sampling for s in rows]
-    if any(s.params.adjusts_logits for s in rows):
+    adjusts = any(s.params.adjusts_logits for s in rows)
+    if adjusts:
         logits = adjusted(rows, logits.clone())
+    if forbidden is not None:
+        logits = constrained(logits, *forbidden, copy=not adjusts)
     seen = None
     if any(st.seen is not None for st in states):
         none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -51,7 +59,19 @@ def sample(rows: list[Sequence], logits: torch.Tensor) -> list[int]:
             st.seen[token] = True
         if st.counts is not None:
             st.counts[token] += 1
+    consume(rows, tokens)
     return tokens
+
+
+def constrained(logits: torch.Tensor, index: list[int], forbidden: torch.Tensor, copy: bool) -> torch.Tensor:
+    """logits (B, V) with -inf where `forbidden` (K, V) is set, in rows `index` (ascending); on a copy
+    when `copy`. All rows constrained (the labeling job's usual batch) is one masked_fill pass."""
+    forbidden = forbidden.to(logits.device, non_blocking=True)
+    if len(index) == logits.shape[0]:
+        return logits.masked_fill(forbidden, float("-inf")) if copy else logits.masked_fill_(forbidden, float("-inf"))
+    logits = logits.clone() if copy else logits
+    logits[index] = logits[index].masked_fill_(forbidden, float("-inf"))
+    return logits
 
 
 def adjusted(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,15 @@ class SamplingState:
     row: its settings as a one-row SamplingParams, with its own generator; seen: (V,) bool, the prompt's
     and generated tokens, for the repetition penalty (else None); counts: (V,) fp32, how often each token
     was generated, for the frequency and presence penalties (else None); bias_ids, bias_values: (K,) its
-    logit_bias (else None)."""
+    logit_bias (else None); matcher: its constraint's llguidance matcher, advanced by each chosen token
+    (else None)."""
 
     row: SamplingParams
     seen: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
+    matcher: object | None = None
 
 
 _END = object()  # the last item of a sequence's token queue
@@ -47,7 +49,10 @@ class Sequence:
 
     When the params ask for them: `logprobs[k]` = (log-probability of output_ids[k], [(id, logprob)] of the
     most likely tokens, most likely first), recorded before the token is streamed; `prompt_logprobs` the
-    same per prompt token, None for the first (complete before the first new token)."""
+    same per prompt token, None for the first (complete before the first new token).
+
+    `incomplete`: a constrained sequence (`params.constraint`) ended before its structure was complete
+    (finish_reason "length", or a stop string); its output then does not parse."""
 
     def __init__(self, prompt_ids: list[int], params: GenerationParams, sampling: SamplingState, stop: StopStrings,
                  eos: tuple[int, ...], on_token: Callable | None):
@@ -56,6 +61,7 @@ class Sequence:
         self.params = params
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.incomplete = False
         self.error: BaseException | None = None
         self.times: dict[str, float] = {"submitted": time.perf_counter()}
         # Engine-side state: the sampler's (with this sequence's own generator), the stop-string window,

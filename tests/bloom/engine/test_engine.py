@@ -20,7 +20,7 @@ def alone(model, prompt, params, tokenizer=None):
     """`generate` on this prompt alone with these settings → (new tokens, finish reason)."""
     kwargs = dataclasses.asdict(params)
     del kwargs["logprobs"], kwargs["prompt_logprobs"]  # the engine's own: generate records none
-    openai = ("logit_bias", "frequency_penalty", "presence_penalty", "min_tokens")  # the engine's only
+    openai = ("logit_bias", "frequency_penalty", "presence_penalty", "min_tokens", "constraint")  # the engine's only
     assert all(kwargs.pop(name) == getattr(GenerationParams(), name) for name in openai), "no reference for these"
     assert kwargs.pop("adapter") is None, "adapters are compared with peft in tests/bloom/test_lora.py"
     kwargs["seed"] = None if params.seed is None else [params.seed]

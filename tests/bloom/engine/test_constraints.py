@@ -1,0 +1,142 @@
+"""Constrained generation: every constrained output parses and validates (on a random-weight model, where
+free text does not), greedy and sampled, mixed with free sequences in one batch; a constrained greedy
+sequence gets the same tokens whatever the batch holds; bad specs are refused at submit."""
+
+import json
+import random
+import re
+
+import jsonschema
+import pytest
+
+import bloom
+from bloom import Engine, GenerationParams
+from bloom.engine.constraints import Constraint
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string", "maxLength": 12},
+        "people": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "label": {"enum": ["positive", "negative", "neutral"]},
+    },
+    "required": ["topic", "people", "label"],
+    "additionalProperties": False,
+}
+REGEX = r"(Mr|Ms|Dr)\. [A-Z][a-z]{1,8}, age [0-9]{1,2}"
+CHOICES = ["spam", "ham", "not sure"]
+GRAMMAR = 'start: "sum(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,3}/'
+
+
+@pytest.fixture(scope="module")
+def text_lm(make_checkpoint, tokenizer):
+    return bloom.BloomForCausalLM.from_pretrained(make_checkpoint(std=0.3, seed=3, vocab_size=len(tokenizer)))
+
+
+@pytest.fixture(scope="module")
+def engine(text_lm, tokenizer):
+    return Engine(text_lm, tokenizer, cache_tokens=8 * 160, max_seq_len=160, prefill_chunk=32)
+
+
+def valid(kind, text):
+    """Whether `text` satisfies the test's spec of `kind`."""
+    if kind == "choice":
+        return text in CHOICES
+    if kind == "regex":
+        return re.fullmatch(REGEX, text) is not None
+    if kind == "grammar":
+        return re.fullmatch(r"sum\([0-9]{1,3}(,[0-9]{1,3})*\)", text) is not None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    if kind == "json_object":
+        return isinstance(value, dict)
+    try:
+        jsonschema.validate(value, SCHEMA)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+SPECS = {"choice": Constraint.choice(CHOICES), "regex": Constraint.regex(REGEX),
+         "json_schema": Constraint.json_schema(SCHEMA), "json_object": Constraint.json_object(),
+         "grammar": Constraint.grammar(GRAMMAR)}
+PROMPTS = ["Label this:", "Le modèle", "def label(row):"]
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_every_constrained_output_validates_where_free_text_does_not(engine, tokenizer, kind, do_sample):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    free = engine.generate(prompts, GenerationParams(max_new_tokens=30, do_sample=do_sample, seed=5))
+    assert not any(valid(kind, tokenizer.decode(s.output_ids, skip_special_tokens=True)) for s in free)
+    params = GenerationParams(max_new_tokens=120, do_sample=do_sample, seed=5, constraint=SPECS[kind])
+    seqs = engine.generate(prompts, params)
+    for s in seqs:
+        text = tokenizer.decode(s.output_ids, skip_special_tokens=True)
+        assert valid(kind, text), (kind, text)
+        assert s.finish_reason in ("stop", "eos") and not s.incomplete
+
+
+def test_choice_ends_with_stop_and_its_last_token(engine, tokenizer):
+    s = engine.generate([tokenizer.encode("Label:")], GenerationParams(constraint={"choice": CHOICES}))[0]
+    assert s.finish_reason == "stop"
+    assert tokenizer.decode(s.output_ids) in CHOICES  # ended by the grammar: no eos token appended
+
+
+def test_greedy_constrained_sequence_is_the_same_whatever_the_batch_holds(engine, tokenizer):
+    rng = random.Random(0)
+    target = tokenizer.encode("Extract the people:")
+    params = GenerationParams(max_new_tokens=120, constraint=SPECS["json_schema"])
+    want = engine.generate([target], params)[0].output_ids
+    for trial in range(3):
+        others = [[rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 30))] for _ in range(5)]
+        other_params = [GenerationParams(max_new_tokens=rng.randint(1, 60), do_sample=rng.random() < 0.5,
+                                         seed=trial, constraint=rng.choice([None, *SPECS.values()]))
+                        for _ in others]
+        arrivals = others[:2] + [target] + others[2:]
+        seqs = engine.generate(arrivals, other_params[:2] + [params] + other_params[2:])
+        assert seqs[2].output_ids == want
+    free = GenerationParams(max_new_tokens=20)  # an unconstrained row beside constrained ones is untouched
+    alone = engine.generate([target], free)[0].output_ids
+    assert engine.generate([target, target], [params, free])[1].output_ids == alone
+
+
+def test_structure_cut_by_max_new_tokens_is_marked_incomplete(engine, tokenizer):
+    s = engine.generate([tokenizer.encode("Extract:")], GenerationParams(max_new_tokens=3, constraint=SPECS["json_schema"]))[0]
+    assert s.finish_reason == "length" and s.incomplete
+    assert not valid("json_schema", tokenizer.decode(s.output_ids))
+
+
+def test_bad_specs_are_refused_at_submit_naming_them(engine, tokenizer):
+    prompt = tokenizer.encode("x")
+    bad = [(Constraint.regex("a(b"), "regex"), (Constraint.json_schema({"type": "strin"}), "json_schema"),
+           (Constraint.grammar("start: foo"), "grammar")]
+    for constraint, name in bad:
+        with pytest.raises(ValueError, match=f"cannot compile the {name} constraint"):
+            engine.submit(prompt, GenerationParams(constraint=constraint))
+    assert not engine.has_work  # nothing was queued
+    with pytest.raises(ValueError, match="one of choice, regex"):
+        GenerationParams(constraint={"yaml": "x"})
+    with pytest.raises(ValueError, match="non-empty list"):
+        Constraint.choice([])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Constraint.json_schema("{oops")
+    with pytest.raises(ValueError, match="min_tokens cannot be combined"):
+        engine.submit(prompt, GenerationParams(min_tokens=2, constraint=SPECS["regex"]))
+
+
+def test_a_constraint_needs_the_tokenizer(text_lm):
+    with pytest.raises(ValueError, match="needs the engine's tokenizer"):
+        Engine(text_lm, cache_tokens=160, max_seq_len=160).submit([5, 6], GenerationParams(constraint=SPECS["regex"]))
+
+
+def test_each_distinct_spec_is_compiled_once(engine, tokenizer):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    engine.generate(prompts, [GenerationParams(constraint={"json_schema": json.dumps(SCHEMA)})] * len(prompts))
+    compiled = dict(engine._constrainer._compiled)
+    engine.generate(prompts, [GenerationParams(constraint={"json": SCHEMA})] * len(prompts))  # same spec, as a dict
+    assert engine._constrainer._compiled.keys() == compiled.keys()
+    assert all(engine._constrainer._compiled[k] is v for k, v in compiled.items())
