@@ -154,7 +154,8 @@ class BloomEndpoint:
                                            ("tpot", "generation: time per output token after the first"),
                                            ("queue", "generation: wait for a cache slot"))}
         self.engine_gauges = {name: Gauge(f"bloomline_engine_{name}", f"generation engine: {name.replace('_', ' ')}")
-                              for name in ("running", "waiting", "slots_used", "cache_tokens_held")}
+                              for name in ("running", "waiting", "slots_used", "cache_tokens_held",
+                                           "prefix_hit_rate", "prefix_blocks_held", "prefix_bytes_held")}
         self.batches_seen: list[int] = []  # recent batch sizes, for /v1/stats (observing batching in tests)
         self.batch_settings = {"max_batch_tokens": 8192, "batch_wait_timeout_s": 0.01}
         # Classify, NER and QA each batch on a queue of their own (and generation on the engine), so that

@@ -724,3 +724,21 @@ def test_concurrent_requests_with_different_parameters_each_get_their_answer_alo
         else:  # float32 generation: token for token
             assert got == alone[i], cases[i]
 
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix_and_the_stats_say_so(server):
+    """The endpoint's engine keeps prompt blocks: the same long prompt sent twice is partly copied from
+    the prefix cache the second time, with the same greedy text, and /v1/stats shows the reuse."""
+    base, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+
+    def engine():
+        return requests.get(base + "/v1/stats", headers=auth, timeout=10).json()["engine"]
+
+    prompt = "Ada Obi flew to Lima on a Tuesday, and the weather was fine all week. " * 3
+    before = engine()["prefix_tokens_reused"]
+    texts = [requests.post(base + "/v1/completions", headers=auth, timeout=60,
+                           json={"prompt": prompt, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"]
+             for _ in range(2)]
+    stats = engine()
+    assert texts[0] == texts[1]
+    assert stats["prefix_tokens_reused"] > before and 0 < stats["prefix_hit_rate"] <= 1
