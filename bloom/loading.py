@@ -100,13 +100,13 @@ def checkpoint_tensors(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} in {directory} lists {path.name}, which is missing")
-        for name, (shape, _) in _header(path).items():
+        for name, (shape, _) in safetensors_header(path).items():
             if weight_map is None or weight_map.get(name) == path.name:
                 tensors[name] = (path, shape)
     return tensors
 
 
-def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name → (shape, dtype) from a safetensors header, validating that the file is complete."""
     size = path.stat().st_size
     try:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .loading import _header
+from .loading import safetensors_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -127,7 +127,7 @@ def read_adapter(directory, model, name: str, base_name: str | None = None, sour
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
-    header, found = _header(path), {}
+    header, found = safetensors_header(path), {}
     for key, (shape, _) in header.items():
         m = _KEY.fullmatch(key)
         if m is None:

@@ -15,7 +15,7 @@ import yaml
 
 import bloom
 from bloom.tiny import make_tiny_checkpoint
-from tests.jobs.test_serve_bloom import wait_until_serving
+from tests.jobs.test_serve_bloom import classify_serve_config, serve_then_stop
 from tests.jobs.test_submit import free_port, ray_head
 from tests.pipelines.conftest import corpus_rows, write_corpus
 
@@ -82,25 +82,14 @@ def test_the_nightly_job_labels_on_its_own_ray_and_a_rerun_starts_none(beside, m
 
 def test_the_endpoint_serves_on_its_own_ray(beside, model, tmp_path):
     env, address = beside
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    application = config["applications"][0]
-    application["args"]["tasks"] = {"classify": {"model": str(model)}}
-    application["deployments"][0].update(autoscaling_config=None, num_replicas=1, ray_actor_options={"num_cpus": 0.5})
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
     serve_env = {k: v for k, v in env.items() if k != "BLOOMLINE_API_KEY"}
-    proc = subprocess.Popen([sys.executable, SERVE, "--config", str(tmp_path / "serve.yaml"), "--port", str(port)],
-                            cwd=ROOT, env=serve_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1/classify", {"inputs": "hello"})
+
+    def no_driver_beside():
         assert drivers_seen_by(address) == []
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0 and "started a local Ray of its own" in err, err[-2000:]
+
+    returncode, out, err = serve_then_stop(classify_serve_config(tmp_path, model), serve_env, signal.SIGTERM,
+                                           while_serving=no_driver_beside)
+    assert returncode == 0 and "started a local Ray of its own" in err, err[-2000:]
 
 
 @pytest.mark.parametrize("job", ["label", "nightly", "serve"])

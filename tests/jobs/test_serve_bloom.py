@@ -36,6 +36,36 @@ def wait_until_serving(proc: subprocess.Popen, url: str, body: dict, within: flo
         time.sleep(0.5)
 
 
+def classify_serve_config(tmp_path: Path, model: Path) -> Path:
+    """serve_config.yaml with one classify task on `model` and one fixed replica of half a CPU."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    application = config["applications"][0]
+    application["args"]["tasks"] = {"classify": {"model": str(model)}}
+    application["deployments"][0].update(autoscaling_config=None, num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def serve_then_stop(config: Path, env: dict, sig: int, preexec_fn=None, while_serving=lambda: None):
+    """Start jobs/serve_bloom.py on `config`, wait until it classifies, run `while_serving()`, send `sig`
+    and return (returncode, stdout, stderr); a process still alive at the end is killed and reaped."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve_bloom.py"), "--config", str(config),
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=preexec_fn)
+    try:
+        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1/classify", {"inputs": "hello"})
+        while_serving()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
 def test_waiting_for_readiness_survives_a_first_answer_slower_than_the_request_timeout():
     answered = []
 
@@ -64,27 +94,11 @@ def test_waiting_for_readiness_survives_a_first_answer_slower_than_the_request_t
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_the_endpoint_stops_cleanly_on_sigint_in_the_background_and_on_sigterm(tmp_path, sig):
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    application = config["applications"][0]
-    application["args"]["tasks"] = {
-        "classify": {"model": str(make_tiny_checkpoint(tmp_path / "clf", bloom.BloomForSequenceClassification,
-                                                       id2label={0: "a", 1: "b"}))}}
-    application["deployments"][0].update(autoscaling_config=None, num_replicas=1, ray_actor_options={"num_cpus": 0.5})
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    model = make_tiny_checkpoint(tmp_path / "clf", bloom.BloomForSequenceClassification, id2label={0: "a", 1: "b"})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     env.pop("BLOOMLINE_API_KEY", None)
     # As a shell starts `... &`: SIGINT ignored (inherited through exec), so the script must take it back.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve_bloom.py"), "--config", str(tmp_path / "serve.yaml"),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1/classify", {"inputs": "hello"})
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0 and "stopped" in out, err[-2000:]
+    returncode, out, err = serve_then_stop(classify_serve_config(tmp_path, model), env, sig,
+                                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert returncode == 0 and "stopped" in out, err[-2000:]
     assert "SIGTERM received" not in err  # not Ray's crash handler's stack dump
