@@ -20,7 +20,7 @@ from .tasks.settings import SettingError
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what bloom.lora reads of an adapter directory
 
-__all__ = ["AdapterBank", "UnknownAdapter", "bank", "declared", "fetch", "fingerprints", "known", "row_adapter"]
+__all__ = ["AdapterBank", "UnknownAdapter", "available", "bank", "declared", "fetch", "fingerprints", "known", "row_adapter"]
 
 
 def declared(entries: list[str]) -> dict[str, str]:
@@ -40,12 +40,13 @@ def declared(entries: list[str]) -> dict[str, str]:
 
 def check(c) -> None:
     """SettingError unless the config's adapter settings go together: entries well formed, the default
-    adapter (c.adapter) among them, and adapters declared when one is asked for."""
+    adapter (c.adapter) among them (or left to the replica to find in c.adapter_dir), and adapters declared
+    when one is asked for."""
     names = declared(c.adapters)
-    if c.adapter is not None and c.adapter not in names:
+    if c.adapter is not None and c.adapter not in names and not c.adapter_dir:
         raise SettingError(f"adapter {c.adapter!r} is not declared (declared: {', '.join(names) or 'none'}; "
                            "declare it with --adapter NAME=PATH)", "adapter")
-    if c.adapter_column and not names:
+    if c.adapter_column and not names and not c.adapter_dir:
         raise SettingError("adapter_column names each row's adapter, but no adapter is declared (--adapter NAME=PATH)",
                            "adapter_column")
 
@@ -110,6 +111,16 @@ def known(adapters: AdapterBank | None, name: str, c) -> None:
     if adapters is None:
         raise UnknownAdapter(f"unknown adapter {name!r} (this model serves none)")
     adapters.check(name)
+
+
+def available(adapters: AdapterBank | None, c) -> list[str]:
+    """Every adapter name a request may use: the declared ones and the subdirectories of c.adapter_dir
+    that hold an adapter, sorted."""
+    names = set(adapters.names()) if adapters is not None else set()
+    if c.adapter_dir:
+        names |= {e.name for e in storage.list_entries(c.adapter_dir, stat=False) if e.is_dir and NAME.fullmatch(e.name)
+                  and storage.kind(storage.join(c.adapter_dir, e.name, CONFIG_FILE)) == "file"}
+    return sorted(names)
 
 
 def row_adapter(row: dict, c) -> str | None:
