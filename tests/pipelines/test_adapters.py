@@ -170,9 +170,31 @@ def test_a_token_classification_checkpoint_takes_adapters_of_its_body(checkpoint
     assert changed >= 2
 
 
-def test_adapters_from_an_object_store_are_fetched_by_digest(gen_adapters, tmp_path):
-    """A source that is not a local directory is read through pipelines.storage into <cache>/<digest>."""
-    uri = "file://" + str(gen_adapters["fr"])
-    local = adapters_mod.fetch(uri, str(tmp_path / "cache"))
-    assert local.parent == tmp_path / "cache" and local.name == adapters_mod.digest(adapters_mod._read(str(gen_adapters["fr"])))
-    assert (local / "adapter_model.safetensors").read_bytes() == (gen_adapters["fr"] / "adapter_model.safetensors").read_bytes()
+def test_adapters_on_s3_are_fetched_by_digest_and_label_as_local_ones(checkpoints, gen_adapters, tmp_path,
+                                                                         monkeypatch):
+    """An s3:// adapter (a real S3 server on loopback) is hashed for the fingerprint from the store and read
+    through pipelines.storage into <adapter_cache>/<digest>/; rows labeled with it equal the local copy's."""
+    import pyarrow.fs as pafs
+
+    from tests.pipelines.conftest import S3_CREDENTIALS, moto_server, store, uri
+
+    for k, v in S3_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    with moto_server() as endpoint:
+        fs = store(endpoint)
+        fs.create_dir("adapters")
+        pafs.copy_files(str(gen_adapters["fr"]), "adapters/fr", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        common = dict(task="classify", model=str(checkpoints["generate"]), dtype="float32",
+                      candidate_labels=["sports", "politics"], adapter="fr", adapter_cache=str(tmp_path / "cache"))
+        remote = LabelConfig(**common, adapters=[f"fr={uri(endpoint, 'adapters/fr')}"])
+        local = LabelConfig(**common, adapters=[f"fr={gen_adapters['fr']}"])
+        assert adapters_mod.fingerprints(remote) == adapters_mod.fingerprints(local)
+        data = [{"text": t} for t in SAMPLE_TEXT[:3]]
+        got = BloomReplica(remote, device="cpu").label_rows(data)
+        (cached,) = (tmp_path / "cache").iterdir()
+        assert cached.name == adapters_mod.fingerprints(local)["fr"]
+        assert (cached / "adapter_model.safetensors").read_bytes() == \
+            (gen_adapters["fr"] / "adapter_model.safetensors").read_bytes()
+    for a, b in zip(got, BloomReplica(local, device="cpu").label_rows(data)):
+        assert_scores_close(a["scores"], b["scores"])

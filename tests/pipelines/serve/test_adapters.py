@@ -16,6 +16,7 @@ peft = pytest.importorskip("peft")
 from tests.bloom.test_lora import ALL, write_adapter  # noqa: E402  (needs peft)
 
 LABELS = ["sports", "politics", "science news"]
+CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt is the message's text
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def server(ray_cluster, checkpoints, lora):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": str(checkpoints["generate"]), "dtype": "float32", "max_input_tokens": 200,
               "adapters": [f"{n}={lora[n]}" for n in ("fr", "legal")], "adapter_dir": str(lora["ondisk"].parent)}
-    tasks = {"generate": {**common, "max_new_tokens": 6}, "classify": {**common, "candidate_labels": LABELS}}
+    tasks = {"generate": {**common, "max_new_tokens": 6, "chat_template": CHAT},
+             "classify": {**common, "candidate_labels": LABELS}}
     serve.run(BloomEndpoint.options(ray_actor_options={"num_cpus": 0.5}).bind(tasks=tasks, max_new_tokens_cap=64),
               name="bloomline-lora", route_prefix="/")
     yield f"http://127.0.0.1:{port}", tasks
@@ -49,7 +51,7 @@ def server(ray_cluster, checkpoints, lora):
 
 def offline(server, lora, task: str, adapter: str | None, rows: list[dict]) -> list[dict]:
     """What the labeling job writes for these rows with this adapter (--use-adapter)."""
-    settings = {**server[1][task], "adapter_dir": ""}
+    settings = {k: v for k, v in server[1][task].items() if k != "chat_template"} | {"adapter_dir": ""}
     if adapter == "ondisk":
         settings["adapters"] = [*settings["adapters"], f"ondisk={lora['ondisk']}"]
     return BloomReplica(LabelConfig(task=task, **settings, adapter=adapter), device="cpu").label_rows(rows)
@@ -74,6 +76,20 @@ def test_openai_model_names_the_adapter(server, lora):
     assert ids == ["generate", "generate:fr", "generate:legal", "generate:ondisk",
                    "classify", "classify:fr", "classify:legal", "classify:ondisk"]
     assert client.models.retrieve("generate:legal").id == "generate:legal"
+
+
+def test_streams_and_chat_take_the_adapter_too(server, lora):
+    import openai
+
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+    row = corpus_rows(1)[0]
+    want = offline(server, lora, "generate", "legal", [row])[0]["generated_text"]
+    chunks = client.completions.create(model="generate:legal", prompt=row["text"], max_tokens=6, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    chat = client.chat.completions.create(model="generate:legal", messages=[{"role": "user", "content": row["text"]}],
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == want and chat.model == "generate:legal"
 
 
 def test_rest_parameter_adapter_for_generate_and_classify(server, lora):
