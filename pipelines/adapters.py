@@ -38,6 +38,17 @@ def declared(entries: list[str]) -> dict[str, str]:
     return out
 
 
+def absolute(entries: list[str], base: str | Path | None = None) -> list[str]:
+    """The NAME=PATH entries with each relative local path made absolute under `base` (default: the working
+    directory), since replicas run in other processes and working directories."""
+    out = []
+    for name, path in declared(entries).items():
+        if "://" not in path and not Path(path).expanduser().is_absolute():
+            path = str((Path(base or Path.cwd()) / Path(path).expanduser()).resolve())
+        out.append(f"{name}={path}")
+    return out
+
+
 def check(c) -> None:
     """SettingError unless the config's adapter settings go together: entries well formed, the default
     adapter (c.adapter) among them (or left to the replica to find in c.adapter_dir), and adapters declared

@@ -211,6 +211,7 @@ def check_job(config: LabelConfig) -> LabelConfig:
     if config.adapters and not (config.adapter or config.adapter_column):
         raise ValueError("adapters are declared (--adapter) but no row uses one: give --use-adapter NAME for every "
                          "row, or --adapter-column COLUMN naming each row's")
+    config = dataclasses.replace(config, adapters=adapters.absolute(config.adapters)) if config.adapters else config
     return check_checkpoint(config)
 
 

@@ -75,6 +75,9 @@ def test_flags_declare_adapters_and_choose_them(tmp_path):
         LabelConfig(adapters=["fr=/a", "fr=/b"])
     with pytest.raises(ValueError, match="no adapter is declared"):
         LabelConfig(adapter_column="lang")
+    # Replicas run in other working directories: relative local paths become absolute, others stay.
+    assert adapters_mod.absolute(["fr=a/fr", "legal=s3://b/legal", "x=/abs/x"], "/base") == \
+        ["fr=/base/a/fr", "legal=s3://b/legal", "x=/abs/x"]
 
 
 def test_declared_adapters_that_no_row_uses_are_refused(checkpoints, gen_adapters, tmp_path):
