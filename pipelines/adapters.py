@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from bloom.lora import CONFIG_FILE, NAME, WEIGHTS_FILE, AdapterBank, UnknownAdapter
+from bloom.lora import CONFIG_FILE, NAME, WEIGHTS_FILE, AdapterBank, UnknownAdapter, read_config, same_base
 
 from . import storage
 from .tasks.settings import SettingError
@@ -82,8 +82,20 @@ def digest(files: dict[str, bytes]) -> str:
 
 def fingerprints(c) -> dict[str, str]:
     """{name: digest of its bytes} of every adapter the config declares (read in full: adapters are small
-    next to the model). FileNotFoundError naming a missing file."""
-    return {name: digest(_read(path)) for name, path in declared(c.adapters).items()}
+    next to the model), each checked on the way as far as it can be without the model: its config
+    (`bloom.lora.read_config` refuses what is not a plain LoRA, naming the field) and its base model's name
+    against c.model. FileNotFoundError / ValueError naming the adapter."""
+    out = {}
+    for name, source in declared(c.adapters).items():
+        try:
+            directory = fetch(source, c.adapter_cache or None)
+            base = read_config(directory).get("base_model_name_or_path")
+            if not same_base(base, c.model):
+                raise ValueError(f"it was trained on base model {base!r}, this run's model is {c.model!r}")
+            out[name] = digest({n: (directory / n).read_bytes() for n in FILES})
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"adapter {name!r} ({source}): {e}") from None
+    return out
 
 
 def fetch(source: str, cache: str | None = None) -> Path:

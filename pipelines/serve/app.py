@@ -391,9 +391,15 @@ class BloomEndpoint:
         return await asyncio.get_running_loop().run_in_executor(None, bank.get, name)
 
     async def _use_adapter(self, task: str, params: dict) -> None:
-        """Load the request's adapter (checked by `_validate`) and report it held, for Serve's routing."""
+        """Load the request's adapter (checked by `_validate`) and report it held, for Serve's routing; 500
+        naming it when its files cannot be read or are refused (before the engine sees the request)."""
         if params.get("adapter"):
-            await self._loaded_adapter(f"{task}:{params['adapter']}")
+            try:
+                await self._loaded_adapter(f"{task}:{params['adapter']}")
+            except (ValueError, OSError) as e:
+                logger.error("adapter %r cannot be loaded: %s", params["adapter"], e)  # its paths: not in answers
+                raise ApiError(500, f"adapter {params['adapter']!r} cannot be loaded (refused or unreadable; the "
+                                    "replica's log says why)") from None
 
     def _generator(self, model: str | None) -> BloomReplica:
         """The replica whose task runs on the engine, which OpenAI's routes serve as the model named by

@@ -5,6 +5,7 @@ run's fingerprint; an unknown adapter is one row's error."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import pyarrow as pa
@@ -85,6 +86,21 @@ def test_declared_adapters_that_no_row_uses_are_refused(checkpoints, gen_adapter
         check_job(LabelConfig(model=str(checkpoints["generate"]), output=str(tmp_path), adapters=declare(gen_adapters)))
     with pytest.raises(ValueError, match="adapter_dir is the endpoint's"):
         check_job(LabelConfig(model=str(checkpoints["generate"]), output=str(tmp_path), adapter_dir=str(tmp_path)))
+
+
+def test_a_refused_or_missing_adapter_is_one_line_before_ray(checkpoints, corpus, gen_adapters, tmp_path):
+    dora = shutil.copytree(gen_adapters["fr"], tmp_path / "dora")
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    common = dict(model=str(checkpoints["generate"]), input=[str(corpus)], output=str(tmp_path / "out"), adapter="fr")
+    with pytest.raises(ValueError, match=r"adapter 'fr' .*use_dora = True is not supported"):
+        plan_label_job(LabelConfig(**common, adapters=[f"fr={dora}"]))
+    with pytest.raises(FileNotFoundError, match=r"adapter 'fr' .*does not exist"):
+        plan_label_job(LabelConfig(**common, adapters=[f"fr={tmp_path / 'nowhere'}"]))
+    other = shutil.copytree(gen_adapters["fr"], tmp_path / "other")
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/bloom-7b1"}))
+    with pytest.raises(ValueError, match="trained on base model 'org/bloom-7b1'"):
+        plan_label_job(LabelConfig(**common, adapters=[f"fr={other}"]))
 
 
 def test_job_rows_with_adapters_equal_each_adapter_alone(ray_cluster, checkpoints, gen_adapters, tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -23,6 +24,9 @@ CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt is 
 def lora(checkpoints, tmp_path_factory):
     """fr and legal declared; ondisk only in the adapter directory (all written by PEFT)."""
     root, base = tmp_path_factory.mktemp("serve-lora"), checkpoints["generate"]
+    broken = write_adapter(base, root / "dir" / "broken", 14, r=2, lora_alpha=4, target_modules=ALL)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # refused by bloom.lora
     return {"fr": write_adapter(base, root / "fr", 11, r=4, lora_alpha=8, target_modules=ALL),
             "legal": write_adapter(base, root / "legal", 12, r=8, lora_alpha=16, target_modules=ALL),
             "ondisk": write_adapter(base, root / "dir" / "ondisk", 13, r=2, lora_alpha=4, target_modules=ALL)}
@@ -73,8 +77,8 @@ def test_openai_model_names_the_adapter(server, lora):
     fr = [r["generated_text"] for r in offline(server, lora, "generate", "fr", rows)]
     assert fr != base  # the adapter changes the text: the comparison tells adapters apart
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["generate", "generate:fr", "generate:legal", "generate:ondisk",
-                   "classify", "classify:fr", "classify:legal", "classify:ondisk"]
+    assert ids == ["generate", "generate:broken", "generate:fr", "generate:legal", "generate:ondisk",
+                   "classify", "classify:broken", "classify:fr", "classify:legal", "classify:ondisk"]
     assert client.models.retrieve("generate:legal").id == "generate:legal"
 
 
@@ -122,3 +126,15 @@ def test_an_unknown_adapter_is_404_in_the_one_error_shape(server, route, body, p
     assert set(error) == {"message", "type", "param", "code"}
     missing = requests.get(server[0] + "/v1/models/generate:nope", timeout=60)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_an_adapter_that_cannot_load_is_one_request_s_error(server):
+    """An adapter_dir entry that bloom.lora refuses (DoRA) fails its request before the engine, naming the
+    adapter but no server path; the endpoint keeps serving."""
+    got = requests.post(server[0] + "/v1/completions", json={"model": "generate:broken", "prompt": "Hi", "max_tokens": 2},
+                        timeout=60)
+    assert got.status_code == 500 and "'broken' cannot be loaded" in got.json()["error"]["message"]
+    assert "/" not in got.json()["error"]["message"]
+    ok = requests.post(server[0] + "/v1/completions", json={"model": "generate:fr", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+    assert ok.status_code == 200, ok.text
