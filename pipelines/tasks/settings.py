@@ -167,8 +167,8 @@ _DECLARED = [
             role="resource", ge=1),
     Setting("adapter_cache", str, "", "local directory for adapters fetched from an object store (default: "
             "$XDG_CACHE_HOME/bloomline/adapters)", role="resource"),
-    Setting("adapter_dir", str, "", "endpoint only: a directory (local or s3://) whose subdirectory NAME is "
-            "adapter NAME, loaded on first use when not declared", role="resource", flag=""),
+    Setting("adapter_dir", str, "", "the endpoint's (a labeling run refuses it): a directory (local or s3://) "
+            "whose subdirectory NAME is adapter NAME, loaded on first use when not declared", role="resource"),
 ]
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
