@@ -20,7 +20,8 @@ from .tasks.settings import SettingError
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what bloom.lora reads of an adapter directory
 
-__all__ = ["AdapterBank", "UnknownAdapter", "available", "bank", "declared", "fetch", "fingerprints", "known", "row_adapter"]
+__all__ = ["AdapterBank", "UnknownAdapter", "absolute", "available", "bank", "check", "declared", "digest", "fetch",
+           "fingerprints", "known", "row_adapter"]
 
 
 def declared(entries: list[str]) -> dict[str, str]:

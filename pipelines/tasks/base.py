@@ -148,7 +148,8 @@ class Task:
                 inputs=(Union[self.Item, list[self.Item]], ...), parameters=(params, params()))
         return _REQUEST_MODELS[self.name][1]
 
-    def label(self, rt: Runtime, inputs: dict[int, object], results: list[dict], c, adapters: dict | None = None) -> None:
+    def label(self, rt: Runtime, inputs: dict[int, object], results: list[dict], c,
+              adapters: dict | None = None) -> None:
         """Fill results[i] with the task's fields for every row i of `inputs` (or set its error). adapters:
         {row: the name of its LoRA adapter in rt.adapters} (rows not in it: the base model)."""
         raise NotImplementedError

@@ -131,8 +131,8 @@ def test_an_unknown_adapter_is_404_in_the_one_error_shape(server, route, body, p
 def test_an_adapter_that_cannot_load_is_one_request_s_error(server):
     """An adapter_dir entry that bloom.lora refuses (DoRA) fails its request before the engine, naming the
     adapter but no server path; the endpoint keeps serving."""
-    got = requests.post(server[0] + "/v1/completions", json={"model": "generate:broken", "prompt": "Hi", "max_tokens": 2},
-                        timeout=60)
+    got = requests.post(server[0] + "/v1/completions",
+                        json={"model": "generate:broken", "prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert got.status_code == 500 and "'broken' cannot be loaded" in got.json()["error"]["message"]
     assert "/" not in got.json()["error"]["message"]
     ok = requests.post(server[0] + "/v1/completions", json={"model": "generate:fr", "prompt": "Hi", "max_tokens": 2},
