@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     import yaml
 
     config = yaml.safe_load(args.config.read_text())
+    from pipelines import adapters
     from pipelines.demo import DEMO_ROOT, demo_checkpoint
 
     for task, settings in config["applications"][0]["args"]["tasks"].items():
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
         if model.parent == DEMO_ROOT and not model.exists():
             demo_checkpoint(task)
         settings["model"] = str(model)
+        if settings.get("adapters"):  # LoRA adapters' relative paths, as the model's, from the checkout
+            settings["adapters"] = adapters.absolute(settings["adapters"], ROOT)
     from ray import serve
 
     from pipelines.serve import app_from_config

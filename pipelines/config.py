@@ -21,7 +21,7 @@ from pathlib import Path
 from bloom import resolve_dtype
 from bloom.quant import check_quantize
 
-from . import storage
+from . import adapters, storage
 from .tasks import TASKS, settings
 from .tasks.settings import SettingError
 
@@ -42,6 +42,7 @@ class _LabelConfigMethods:
         # Each setting this task reads, within its declared bounds (another task's are not its business).
         settings.check({n: v for n, v in dataclasses.asdict(self).items() if settings.SETTINGS[n].reads(self.task)})
         TASKS[self.task].check_settings(self)
+        adapters.check(self)
         # "fast" and "auto" resolve when the model loads (on its device); the replica checks them then.
         check_quantize(self.quantize, resolve_dtype(self.dtype) if self.quantize and self.dtype not in ("fast", "auto")
                        else None)
@@ -73,11 +74,14 @@ class _LabelConfigMethods:
         or the output would hold rows of two precisions."""
         return {"dtype": self.dtype, "quantize": self.quantize}
 
-    def fingerprint(self, model_fingerprint: str) -> str:
-        """sha256 of the model's identity, the task parameters and the numerics: a resumed or appended run
-        must match it."""
-        blob = json.dumps({"model": model_fingerprint, "params": self.task_params(), "numerics": self.numerics()},
-                          sort_keys=True)
+    def fingerprint(self, model_fingerprint: str, adapter_fingerprints: dict[str, str] | None = None) -> str:
+        """sha256 of the model's identity, the task parameters and the numerics, and of the declared
+        adapters' bytes by name (`adapters.fingerprints`; none declared: left out, so that runs written
+        before adapters existed still match): a resumed or appended run must match it."""
+        values = {"model": model_fingerprint, "params": self.task_params(), "numerics": self.numerics()}
+        if adapter_fingerprints:
+            values["adapters"] = adapter_fingerprints
+        blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

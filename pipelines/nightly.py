@@ -44,7 +44,7 @@ from urllib.parse import quote, unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import delta, storage
+from . import adapters, delta, storage
 from .config import LabelConfig, model_fingerprint, yaml_settings
 from .corpus import list_input_files, parts_by_source, source_id, unified_type
 from .corpus import plan as plan_corpus
@@ -186,7 +186,7 @@ def annotator_fingerprints(config: NightlyConfig) -> dict[str, str]:
             checked = check_checkpoint(config.label_config(a, [], ""))
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"annotator {a.name!r}: {e}") from None
-        out[a.name] = checked.fingerprint(model_fingerprint(checked.model))
+        out[a.name] = checked.fingerprint(model_fingerprint(checked.model), adapters.fingerprints(checked))
     return out
 
 

@@ -29,6 +29,7 @@ import bloom
 from bloom.loading import missing_heads, resolve_dtype
 from bloom.quant import check_quantize
 
+from . import adapters
 from .config import LabelConfig
 from .corpus import ENGINE_STEPS
 from .tasks import TASKS, Runtime, settings
@@ -40,8 +41,8 @@ PROVENANCE = ("_source", "_row")  # added by the pipeline's reader: input file a
 
 
 class RowError(ValueError):
-    """A row that cannot be labeled. code: "invalid_input" (null, empty, not text, too many characters)
-    or "too_long" (more tokens than max_input_tokens)."""
+    """A row that cannot be labeled. code: "invalid_input" (null, empty, not text, too many characters),
+    "too_long" (more tokens than max_input_tokens) or "unknown_adapter" (its adapter is not declared)."""
 
     def __init__(self, message: str, code: str = "invalid_input"):
         super().__init__(message)
@@ -93,7 +94,9 @@ class BloomReplica:
             # CPU inference: oneDNN-packed weights; decode steps 1.3-2.5x faster here (bloom.packing).
             self.model.pack_for_cpu()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.runtime = Runtime(self.model, self.tokenizer, self.input_device, pad_id)
+        # The LoRA adapters rows or requests may name (pipelines.adapters), before the task builds its engine.
+        self.runtime = Runtime(self.model, self.tokenizer, self.input_device, pad_id,
+                               adapters=adapters.bank(config, self.model))
         self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
         self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
         self.fields = self.task.output_fields()
@@ -133,6 +136,8 @@ class BloomReplica:
             raise ValueError(f"task {self.config.task!r} takes no parameter {', '.join(unknown)} "
                              f"(it takes: {', '.join(allowed)})")
         settings.check(params, caps, alias)  # the one check of a request's values, each named as it was sent
+        if params.get("adapter") is not None:  # UnknownAdapter (the endpoint's 404) before anything runs
+            adapters.known(self.runtime.adapters, params["adapter"], self.config)
         config = dataclasses.replace(self.config, **params)  # and how they go with the others
         self.task.check_request(self.runtime, config)
         return config
@@ -177,10 +182,29 @@ class BloomReplica:
             # than the constructor's (where Ray's OMP_NUM_THREADS=1 still holds): set it where we compute.
             torch.set_num_threads(self.num_threads)
         inputs, results = self.prepare(rows, c)
+        names = self.row_adapters(rows, inputs, results, c)
         if inputs:
             with torch.inference_mode():
-                self.task.label(self.runtime, inputs, results, c)
+                self.task.label(self.runtime, inputs, results, c, names)
         return results
+
+    def row_adapters(self, rows: list[dict], inputs: dict[int, object], results: list[dict], c: LabelConfig) -> dict:
+        """{row: its adapter's name} for the rows of `inputs` that use one (`adapters.row_adapter`); a row whose
+        adapter is unknown leaves `inputs` with error code "unknown_adapter" (the others are labeled)."""
+        names = {}
+        for i in list(inputs):
+            try:
+                name = adapters.row_adapter(rows[i], c)
+                if name is not None:
+                    adapters.known(self.runtime.adapters, name, c)
+                    names[i] = name
+            except adapters.UnknownAdapter as e:
+                results[i].update(error=str(e), error_code="unknown_adapter")
+                del inputs[i]
+            except ValueError as e:
+                results[i].update(error=str(e), error_code="invalid_input")
+                del inputs[i]
+        return names
 
     def start_engine(self) -> None:
         """Run the generation engine's steps on a background thread (streams and the endpoint need one;

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import bloom
 from bloom.engine import kv_bytes_per_token
 
-from .. import delta, storage
+from .. import adapters, delta, storage
 from ..config import LabelConfig, model_fingerprint
 from . import (CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending, plan,
                      read_row_groups, scan_output, verify, write_part)
@@ -44,7 +44,8 @@ def text_columns(config: LabelConfig) -> list[str]:
 
 
 def required_columns(config: LabelConfig) -> list[str]:
-    return list(dict.fromkeys([config.id_column, *config.keep_columns, *text_columns(config)]))
+    adapter = [config.adapter_column] if config.adapter_column else []
+    return list(dict.fromkeys([config.id_column, *config.keep_columns, *text_columns(config), *adapter]))
 
 
 def pool_resources(config: LabelConfig, cluster: dict, node_cpus: list[float]) -> dict:
@@ -97,10 +98,12 @@ def pool_resources(config: LabelConfig, cluster: dict, node_cpus: list[float]) -
             "num_gpus": 0.0, "threads": max(1, threads)}
 
 
-def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, str], model_id: str) -> None:
-    """Refuse to mix runs: an output written with another model, task or parameters (another fingerprint),
-    or whose parts give pass-through columns other types (`columns`: name → type), is an error unless
-    overwrite is set, which deletes its parts first."""
+def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, str], model_id: str,
+                    adapter_ids: dict[str, str] | None = None) -> None:
+    """Refuse to mix runs: an output written with another model, adapters, task or parameters (another
+    fingerprint), or whose parts give pass-through columns other types (`columns`: name → type), is an
+    error unless overwrite is set, which deletes its parts first. adapter_ids: name → digest of each
+    declared adapter's bytes."""
     run_path = storage.join(config.output, RUN_FILE)
     parts = list_parts(config.output)
     previous = storage.read_json(run_path) if storage.kind(run_path) == "file" else None
@@ -113,7 +116,7 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
                              "to delete them")
         elif previous.get("fingerprint") != fingerprint and parts:  # no part written yet: nothing to protect
             raise ValueError(f"output {config.output} was written with another model, task or parameters "
-                             f"({_differences(previous, config, model_id)}); rerun with "
+                             f"({_differences(previous, config, model_id, adapter_ids or {})}); rerun with "
                              "--overwrite (overwrite: true in a config) to replace it, or choose another output")
         elif previous.get("columns", columns) != columns and parts:
             changed = {c: (previous["columns"].get(c), t) for c, t in columns.items() if previous["columns"].get(c) != t}
@@ -123,10 +126,11 @@ def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, st
     storage.make_dirs(config.output)
     storage.put_json(run_path, {"fingerprint": fingerprint, "task": config.task, "model": config.model,
                                 "model_fingerprint": model_id, "params": config.task_params(),
-                                "numerics": config.numerics(), "columns": columns})
+                                "numerics": config.numerics(), "columns": columns,
+                                **({"adapters": adapter_ids} if adapter_ids else {})})
 
 
-def _differences(previous: dict, config: LabelConfig, model_id: str) -> str:
+def _differences(previous: dict, config: LabelConfig, model_id: str, adapter_ids: dict[str, str]) -> str:
     """What differs between the run recorded in `previous` (its _run.json) and this one, in words."""
     if previous.get("task") != config.task:
         return f"task {previous.get('task')!r} there, {config.task!r} now"
@@ -134,6 +138,10 @@ def _differences(previous: dict, config: LabelConfig, model_id: str) -> str:
     if previous.get("model_fingerprint", model_id) != model_id or previous.get("model") != config.model:
         out.append(f"model {previous.get('model')!r} there, {config.model!r} now"
                    + (" (other weights)" if previous.get("model") == config.model else ""))
+    before = previous.get("adapters", {})
+    out += [f"adapter {n!r}: " + ("not declared there" if n not in before else "not declared now" if n not in adapter_ids
+                                  else "other bytes") for n in sorted(set(before) | set(adapter_ids))
+            if before.get(n) != adapter_ids.get(n)]
     for group, now in (("params", config.task_params()), ("numerics", config.numerics())):
         before = previous.get(group)
         if before is None:  # a _run.json from before this was recorded
@@ -193,9 +201,17 @@ def check_format(config: LabelConfig) -> None:
 
 
 def check_job(config: LabelConfig) -> LabelConfig:
-    """The checks that need no cluster (`check_checkpoint`, an output given); the config to run."""
+    """The checks that need no cluster (`check_checkpoint`, an output given, declared adapters used); the
+    config to run."""
     if not config.output:
         raise ValueError("no output given")
+    if config.adapter_dir:
+        raise ValueError("adapter_dir is the endpoint's: a labeling run declares each adapter (--adapter NAME=PATH), "
+                         "since their bytes enter the run's fingerprint")
+    if config.adapters and not (config.adapter or config.adapter_column):
+        raise ValueError("adapters are declared (--adapter) but no row uses one: give --use-adapter NAME for every "
+                         "row, or --adapter-column COLUMN naming each row's")
+    config = dataclasses.replace(config, adapters=adapters.absolute(config.adapters)) if config.adapters else config
     return check_checkpoint(config)
 
 
@@ -284,6 +300,7 @@ class LabelPlan:
     model_id: str
     fingerprint: str
     finished: bool
+    adapter_ids: dict[str, str] = dataclasses.field(default_factory=dict)  # name → digest of its bytes
 
 
 def plan_label_job(config: LabelConfig) -> LabelPlan:
@@ -296,12 +313,13 @@ def plan_label_job(config: LabelConfig) -> LabelPlan:
     passthrough = [c for c in dict.fromkeys([config.id_column, *config.keep_columns]) if c not in text_columns(config)]
     corpus = plan(files, required_columns(config), passthrough)
     model_id = model_fingerprint(config.model)
-    fingerprint = config.fingerprint(model_id)
+    adapter_ids = adapters.fingerprints(config)
+    fingerprint = config.fingerprint(model_id, adapter_ids)
     check_output(config.output)
     check_format(config)
     finished = _finished(parts_config(config), fingerprint, corpus) and (
         config.output_format != "delta" or delta.published_fingerprint(config.output) == fingerprint)
-    return LabelPlan(config, files, corpus, model_id, fingerprint, finished)
+    return LabelPlan(config, files, corpus, model_id, fingerprint, finished, adapter_ids)
 
 
 def _finished(config: LabelConfig, fingerprint: str, corpus: CorpusPlan) -> bool:
@@ -346,7 +364,8 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
         import ray
 
         check_cache_fits(config, [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")])
-        _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()}, model_id)
+        _prepare_output(config, fingerprint, {c: str(t) for c, t in corpus.types.items()}, model_id,
+                        planned.adapter_ids)
         state = scan_output(config.output)
         if state.overlaps:
             _repair(config.output, state)

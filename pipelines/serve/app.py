@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from .. import adapters
 from ..config import LabelConfig
 from ..replica import BloomReplica, RowError
 from ..tasks import TASKS, timings
@@ -45,6 +46,7 @@ from .openai import (NO_OP, ChatRequest, CompletionRequest, SamplingRequest, bes
                      join_logprobs, make_choice, token_prompt, usage_of)
 
 logger = logging.getLogger("bloomline.serve")
+ADAPTERS_REPORTED = 16  # adapters a replica reports holding to Serve's router (see _loaded_adapter)
 # Our @serve.batch's max_batch_size counts tokens (batch_size_fn), not requests, so Serve's warning that it
 # exceeds max_ongoing_requests compares unlike things: drop that one message.
 logging.getLogger("ray.serve").addFilter(lambda record: "is larger than `max_ongoing_requests`" not in record.getMessage())
@@ -214,6 +216,7 @@ class BloomEndpoint:
         listed = not single if listed is None else listed
         start = time.perf_counter()
         params = self._validate(task, params)
+        await self._use_adapter(task, params)
         if not rows:
             raise ApiError(400, f"{field} is empty", field)
         if task not in self.batchers:  # a task on the engine: its rows join the running batch
@@ -304,6 +307,8 @@ class BloomEndpoint:
         alias = alias or {}
         try:
             self.replicas[task].with_params(params, caps={"max_new_tokens": self.max_new_tokens_cap}, alias=alias)
+        except adapters.UnknownAdapter as e:  # a model that is not served: 404, as an unknown model
+            raise ApiError(404, str(e), alias.get("adapter", "adapter")) from None
         except SettingError as e:
             message = str(e)
             for name, used in alias.items():  # a message on settings that go together names both as sent
@@ -357,17 +362,44 @@ class BloomEndpoint:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        """The served models, one per task and named by it (never the server's checkpoint paths)."""
+        """The served models, one per task and named by it (never the server's checkpoint paths), and one
+        per task and LoRA adapter, "<task>:<adapter>" (declared, or found in the task's adapter_dir)."""
         self._check(request)
-        return {"object": "list", "data": [self._model(task) for task in self.replicas]}
+        ids = [m for task, r in self.replicas.items()
+               for m in [task, *(f"{task}:{a}" for a in adapters.available(r.runtime.adapters, r.config))]]
+        return {"object": "list", "data": [self._model(m) for m in ids]}
 
     @app.get("/v1/models/{model_id}")
     async def model(self, model_id: str, request: Request):
         self._check(request)
-        if model_id not in self.replicas:
+        task, _, adapter = model_id.partition(":")
+        if task not in self.replicas:
             raise ApiError(404, f"model {model_id!r} is not served here (it serves: {', '.join(self.replicas)})",
                            "model")
+        if adapter or model_id.endswith(":"):
+            self._validate(task, {"adapter": adapter}, {"adapter": "model"})
         return self._model(model_id)
+
+    # Serve's model multiplexing: a request with the header serve_multiplexed_model_id: "<task>:<adapter>"
+    # goes to a replica that reported holding that adapter. The body still decides what is computed (its
+    # model or parameters.adapter); the header only routes. The bank's LRU (max_adapters) does the memory
+    # budget; this one only tells Serve's router which adapters a replica has loaded lately.
+    @serve.multiplexed(max_num_models_per_replica=ADAPTERS_REPORTED)
+    async def _loaded_adapter(self, model_id: str):
+        task, _, name = model_id.partition(":")
+        bank = self.replicas[task].runtime.adapters
+        return await asyncio.get_running_loop().run_in_executor(None, bank.get, name)
+
+    async def _use_adapter(self, task: str, params: dict) -> None:
+        """Load the request's adapter (checked by `_validate`) and report it held, for Serve's routing; 500
+        naming it when its files cannot be read or are refused (before the engine sees the request)."""
+        if params.get("adapter"):
+            try:
+                await self._loaded_adapter(f"{task}:{params['adapter']}")
+            except (ValueError, OSError) as e:
+                logger.error("adapter %r cannot be loaded: %s", params["adapter"], e)  # its paths: not in answers
+                raise ApiError(500, f"adapter {params['adapter']!r} cannot be loaded (refused or unreadable; the "
+                                    "replica's log says why)") from None
 
     def _generator(self, model: str | None) -> BloomReplica:
         """The replica whose task runs on the engine, which OpenAI's routes serve as the model named by
@@ -376,8 +408,9 @@ class BloomEndpoint:
             name = next(name for name, task in TASKS.items() if task.runs_on_engine)
             raise ApiError(404, f"this endpoint does not serve task {name!r}", "model")
         name = self.generator.task.name
-        if model is not None and model != name:
-            raise ApiError(404, f"model {model!r} is not served here (completions serve: {name})", "model")
+        if model is not None and model != name and not (model.startswith(name + ":") and len(model) > len(name) + 1):
+            raise ApiError(404, f"model {model!r} is not served here (completions serve: {name}, and {name}:<adapter> "
+                                "for its LoRA adapters)", "model")
         return self.generator
 
     @app.post("/v1/completions")
@@ -432,17 +465,20 @@ class BloomEndpoint:
         alias = {name: used for used, name in openai_names().items()} | {"max_new_tokens": max_tokens_name}
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
         params = {name: getattr(req, used) for used, name in openai_names().items()}
+        adapter = (req.model or "").partition(":")[2] or None  # model "generate:<adapter>"
         params = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
                                                     "do_sample": req.temperature > 0,
-                                                    "temperature": req.temperature if req.temperature > 0 else None},
-                                alias)
+                                                    "temperature": req.temperature if req.temperature > 0 else None,
+                                                    "adapter": adapter},
+                                alias | {"adapter": "model"})
+        await self._use_adapter(replica.task.name, params)
         # Choosing the best of more sequences than are answered ranks them by their logprobs (0: the
         # chosen tokens' only); they are shown only when asked for.
         request = {"n": best_of, "logprobs": logprobs if best_of == req.n else (logprobs or 0),
                    "prompt_logprobs": logprobs if echo else None, "logit_bias": self._logit_bias(req.logit_bias)}
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": replica.task.name}
+                "model": replica.task.name + (f":{adapter}" if adapter else "")}
         if req.stream:
             self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
             c, prepared, groups = self._submit(prompts, params, field, listed, **request)

@@ -28,7 +28,8 @@ class Runtime:
     """What a task computes with, loaded once per replica. input_device: where input ids go (the
     embeddings' device); length_spread: see `token_budget_batches` (inf batches by the budget alone);
     engine: the continuous-batching engine of a task that runs sequences (else None); memo: values a
-    task derives from its settings once (pure values, safe to share between requests)."""
+    task derives from its settings once (pure values, safe to share between requests); adapters: the
+    `bloom.lora.AdapterBank` of the LoRA adapters rows may name (None: none)."""
 
     model: Any
     tokenizer: Any
@@ -37,6 +38,7 @@ class Runtime:
     length_spread: float = 1.15
     engine: Any = None
     memo: dict = field(default_factory=dict)
+    adapters: Any = None
 
 
 def template_fields(template: str) -> list[str]:
@@ -146,8 +148,10 @@ class Task:
                 inputs=(Union[self.Item, list[self.Item]], ...), parameters=(params, params()))
         return _REQUEST_MODELS[self.name][1]
 
-    def label(self, rt: Runtime, inputs: dict[int, object], results: list[dict], c) -> None:
-        """Fill results[i] with the task's fields for every row i of `inputs` (or set its error)."""
+    def label(self, rt: Runtime, inputs: dict[int, object], results: list[dict], c,
+              adapters: dict | None = None) -> None:
+        """Fill results[i] with the task's fields for every row i of `inputs` (or set its error). adapters:
+        {row: the name of its LoRA adapter in rt.adapters} (rows not in it: the base model)."""
         raise NotImplementedError
 
 
@@ -250,13 +254,22 @@ def windows(rt: Runtime, texts: dict[int, object], results: list[dict], c, pair:
     return out
 
 
-def run_windows(rt: Runtime, windows: dict[int, list], c, head) -> dict[int, list]:
-    """Forward every window, batched within the token budget; head(output, row in batch, length) per window."""
+def lora_batch(rt: Runtime, adapters: dict | None, rows: list[int]):
+    """The `lora=` of a forward whose batch rows are those of `rows` (row indices, repeated where a row has
+    several batch rows): each its adapter from `adapters` ({row: name}); None when none uses one."""
+    if rt.adapters is None or not adapters:
+        return None
+    return rt.adapters.batch([adapters.get(i) for i in rows])
+
+
+def run_windows(rt: Runtime, windows: dict[int, list], c, head, adapters: dict | None = None) -> dict[int, list]:
+    """Forward every window, batched within the token budget (each with its row's adapter, see
+    `lora_batch`); head(output, row in batch, length) per window."""
     flat = [(i, w) for i, ws in windows.items() for w in range(len(ws))]
     outputs = {key: None for key in flat}
     encoded = {k: windows[key[0]][key[1]][0] for k, key in enumerate(flat)}
     for idx, ids, mask in batches(rt, encoded, c):
-        out = rt.model(ids, attention_mask=mask)
+        out = rt.model(ids, attention_mask=mask, lora=lora_batch(rt, adapters, [flat[k][0] for k in idx]))
         for j, k in enumerate(idx):
             outputs[flat[k]] = head(out, j, len(encoded[k]))
     return {i: [outputs[(i, w)] for w in range(len(ws))] for i, ws in windows.items()}

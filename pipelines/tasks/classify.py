@@ -8,7 +8,7 @@ import torch
 
 import bloom
 
-from .base import Prompted, batches, encode_capped
+from .base import Prompted, batches, encode_capped, lora_batch
 from .settings import SettingError
 
 LABEL_SCORE = pa.struct([("label", pa.string()), ("score", pa.float32())])
@@ -54,15 +54,15 @@ class Classify(Prompted):
             rt.memo[key] = ids
         return rt.memo[key]
 
-    def label(self, rt, texts, results, c):
+    def label(self, rt, texts, results, c, adapters=None):
         encoded = encode_capped(rt, texts, results, c)
         if c.candidate_labels:
-            return self._zero_shot(rt, encoded, results, c)
+            return self._zero_shot(rt, encoded, results, c, adapters)
         cfg = rt.model.config
         multi = cfg.problem_type == "multi_label_classification"
         regression = cfg.problem_type == "regression" or cfg.num_labels == 1
         for idx, ids, mask in batches(rt, encoded, c):
-            logits = rt.model(ids, attention_mask=mask).logits.float()  # (B, num_labels)
+            logits = rt.model(ids, attention_mask=mask, lora=lora_batch(rt, adapters, idx)).logits.float()  # (B, labels)
             probs = logits if regression else (logits.sigmoid() if multi else logits.softmax(-1))
             for j, i in enumerate(idx):
                 p = probs[j].tolist()
@@ -71,7 +71,7 @@ class Classify(Prompted):
                 results[i].update(label=cfg.id2label[best], score=p[best], labels=chosen,
                                   scores=[{"label": cfg.id2label[k], "score": v} for k, v in enumerate(p)])
 
-    def _zero_shot(self, rt, encoded, results, c):
+    def _zero_shot(self, rt, encoded, results, c, adapters=None):
         """Rank candidate labels by the log-likelihood of their tokens after the prompt. The prompt is run
         once per row; its KV cache is shared by every label's continuation."""
         labels, label_lists = c.candidate_labels, self.label_ids(rt, c)
@@ -83,14 +83,17 @@ class Classify(Prompted):
         label_ids, label_mask = label_ids.to(rt.input_device), label_mask.to(rt.input_device)
         for idx, ids, mask in batches(rt, encoded, c, extra=L):
             B = len(idx)
-            out = rt.model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            out = rt.model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                           lora=lora_batch(rt, adapters, idx))
             first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log p(first label token | prompt)
             total = first[:, label_ids[:, 0]]  # (B, K)
             if L > 1:
                 cache = out.past_key_values.select(torch.arange(B).repeat_interleave(K))
                 cont_ids = label_ids[:, :-1].repeat(B, 1)  # (B*K, L-1): feed all but the last label token
                 cont_mask = torch.cat([mask.repeat_interleave(K, 0), label_mask[:, :-1].repeat(B, 1)], 1)
-                logp = rt.model(cont_ids, past_key_values=cache, attention_mask=cont_mask).logits.float().log_softmax(-1)
+                lora = lora_batch(rt, adapters, [i for i in idx for _ in range(K)])  # as the cache's rows
+                logp = rt.model(cont_ids, past_key_values=cache, attention_mask=cont_mask,
+                                lora=lora).logits.float().log_softmax(-1)
                 targets = label_ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
                 picked = logp.gather(-1, targets[..., None]).squeeze(-1) * label_mask[:, 1:].repeat(B, 1)
                 total = total + picked.sum(-1).view(B, K)

@@ -133,11 +133,11 @@ class Generate(Prompted):
         # after loading the model (at least one).
         cache_tokens = c.cache_tokens or fit_cache_tokens(rt.model, longest)
         rt.engine = Engine(rt.model, rt.tokenizer, cache_tokens=cache_tokens, max_seq_len=longest,
-                           prefill_chunk=c.prefill_chunk)
+                           prefill_chunk=c.prefill_chunk, adapters=rt.adapters)
         logger.info("generation cache: %d sequences of %d tokens (%.2f GB)", rt.engine.cache.num_slots, longest,
                     rt.engine.cache.nbytes / 1e9)
 
-    def label(self, rt, prompts, results, c):
+    def label(self, rt, prompts, results, c, adapters=None):
         """Every row is a sequence of the runtime's engine: a finished row's room goes to the next at once."""
         encoded = encode_capped(rt, prompts, results, c)
         room = rt.engine.cache.max_seq_len
@@ -146,7 +146,10 @@ class Generate(Prompted):
                                     f"the {room} tokens a sequence may hold", error_code="too_long")
             del encoded[i]
         idx = list(encoded)
-        seqs = rt.engine.generate([encoded[i] for i in idx], [self.generation_params(c, prompts[i]) for i in idx])
+        params = [self.generation_params(c, prompts[i]) for i in idx]
+        if adapters is not None:  # each row's own adapter (the replica resolved c.adapter into it)
+            params = [dataclasses.replace(p, adapter=adapters.get(i)) for p, i in zip(params, idx)]
+        seqs = rt.engine.generate([encoded[i] for i in idx], params)
         for i, seq in zip(idx, seqs):
             results[i].update(self.result(rt, c, seq.output_ids, seq.finish_reason, len(encoded[i])))
 

@@ -22,10 +22,11 @@ class Ner(Task):
     def model_class(self, c):
         return bloom.BloomForTokenClassification
 
-    def label(self, rt, texts, results, c):
+    def label(self, rt, texts, results, c, adapters=None):
         id2label = rt.model.config.id2label
         windows = split_windows(rt, texts, results, c)
-        probs = run_windows(rt, windows, c, lambda out, j, n: out.logits[j, -n:].float().softmax(-1).cpu().numpy())
+        probs = run_windows(rt, windows, c, lambda out, j, n: out.logits[j, -n:].float().softmax(-1).cpu().numpy(),
+                            adapters)
         for i, ws in windows.items():
             offsets, p = merge_windows([(w[1], q) for w, q in zip(ws, probs[i])], overlap=c.stride)
             results[i]["entities"] = ner_entities(texts[i], offsets, p, id2label, c.aggregation_strategy,

@@ -35,10 +35,11 @@ class Qa(Task):
     def item_row(self, item, c):
         return {c.question_column: item.question, c.context_column: item.context}
 
-    def label(self, rt, pairs, results, c):
+    def label(self, rt, pairs, results, c, adapters=None):
         windows = split_windows(rt, pairs, results, c, pair=True)
         logits = run_windows(rt, windows, c, lambda out, j, n: (out.start_logits[j, -n:].float().cpu().numpy(),
-                                                                     out.end_logits[j, -n:].float().cpu().numpy()))
+                                                                     out.end_logits[j, -n:].float().cpu().numpy()),
+                             adapters)
         for i, ws in windows.items():
             best = (0, 0, -math.inf)
             for (ids, offsets, seq), (start, end) in zip(ws, logits[i]):

@@ -156,6 +156,19 @@ _DECLARED = [
     Setting("prefill_chunk", int, 256, "prompt tokens the engine prefills per step", role="resource", tasks=GEN,
             ge=1),
     Setting("rows_per_batch", int, 256, "rows handed to a replica at a time", role="resource", ge=1),
+    # --- LoRA adapters (pipelines.adapters): the declared adapters' bytes enter the fingerprint ---
+    Setting("adapters", list[str], [], "a PEFT LoRA adapter the run may use, NAME=PATH (a local or s3:// "
+            "directory; repeatable)", role="resource", flag="--adapter"),
+    Setting("adapter", Optional[str], None, "the declared adapter every row uses (a request's adapter); default: "
+            "the base model", "request", flag="--use-adapter", engine="adapter", off=None),
+    Setting("adapter_column", Optional[str], None, "column naming each row's adapter (empty or null: "
+            "--use-adapter, else the base model)", off=None),
+    Setting("max_adapters", int, 8, "adapters a replica keeps loaded (least recently used dropped)",
+            role="resource", ge=1),
+    Setting("adapter_cache", str, "", "local directory for adapters fetched from an object store (default: "
+            "$XDG_CACHE_HOME/bloomline/adapters)", role="resource"),
+    Setting("adapter_dir", str, "", "the endpoint's (a labeling run refuses it): a directory (local or s3://) "
+            "whose subdirectory NAME is adapter NAME, loaded on first use when not declared", role="resource"),
 ]
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
