@@ -96,7 +96,7 @@ class BloomReplica:
         self.runtime = Runtime(self.model, self.tokenizer, self.input_device, pad_id)
         self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
         self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
-        self.fields = self.task.output_fields()
+        self.fields = self.task.output_fields(self.runtime)
 
     # ------------------------------------------------------------------ batch in, batch out
 

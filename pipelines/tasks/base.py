@@ -83,6 +83,7 @@ class Task:
     Item: ClassVar[object] = str  # one input of an endpoint request
     fields: ClassVar[list[tuple[str, pa.DataType]]]
     runs_on_engine: ClassVar[bool] = False
+    embeds: ClassVar[bool] = False  # its output is an embedding: the endpoint's /v1/embeddings serves it
     demo_labels: ClassVar[dict | None] = None  # the labels of the demo checkpoint's head, where it has any
     head_hint: ClassVar[str] = ""  # what else to try when a checkpoint lacks the task's head
 
@@ -117,8 +118,9 @@ class Task:
         """What a request (or a row's overrides) may set, from the declarations: None = the default."""
         return settings.params_model(self.name)
 
-    def output_fields(self) -> list[pa.Field]:
-        """The columns the task writes after the pass-through columns, with fixed Arrow types."""
+    def output_fields(self, rt: Runtime | None = None) -> list[pa.Field]:
+        """The columns the task writes after the pass-through columns, with fixed Arrow types (rt: the
+        loaded runtime, for a type that depends on the model, e.g. an embedding's size)."""
         return [pa.field(n, t) for n, t in self.fields + COMMON_FIELDS]
 
     def content_settings(self, c) -> dict:
