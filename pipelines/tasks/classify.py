@@ -7,6 +7,7 @@ import pyarrow as pa
 import torch
 
 import bloom
+from bloom import KVCache
 
 from .base import Prompted, batches, encode_capped
 from .settings import SettingError
@@ -73,7 +74,9 @@ class Classify(Prompted):
 
     def _zero_shot(self, rt, encoded, results, c):
         """Rank candidate labels by the log-likelihood of their tokens after the prompt. The prompt is run
-        once per row; its KV cache is shared by every label's continuation."""
+        once per row; its KV cache is shared by every label's continuation. With prefix_cache, the tokens
+        every row starts with (a few-shot template) are run once for all of them: each batch starts from
+        a copy of their keys and values and runs only its rows' own tokens."""
         labels, label_lists = c.candidate_labels, self.label_ids(rt, c)
         K, L = len(label_lists), max(map(len, label_lists))
         label_ids = torch.full((K, L), rt.pad_id, dtype=torch.long)
@@ -81,9 +84,20 @@ class Classify(Prompted):
         for k, ids in enumerate(label_lists):  # right-padded: padding after a label cannot affect it
             label_ids[k, : len(ids)], label_mask[k, : len(ids)] = torch.tensor(ids), 1
         label_ids, label_mask = label_ids.to(rt.input_device), label_mask.to(rt.input_device)
-        for idx, ids, mask in batches(rt, encoded, c, extra=L):
-            B = len(idx)
-            out = rt.model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        P = common_prefix(list(encoded.values())) if c.prefix_cache and len(encoded) > 1 else 0
+        prefix = None
+        if P:
+            head = next(iter(encoded.values()))[:P]
+            prefix = rt.model(torch.tensor([head], device=rt.input_device), use_cache=True,
+                              logits_to_keep=1).past_key_values  # (1, H, P, D) per layer
+        own = {i: ids[P:] for i, ids in encoded.items()}
+        for idx, ids, mask in batches(rt, own, c, extra=P + L):
+            B, T = ids.shape
+            # Room for the rows' tokens and the labels' after what is cached: appending copies nothing.
+            cache = KVCache(rt.model.config.n_layer, capacity=T + L) if prefix is None else repeat(prefix, B, T + L)
+            if prefix is not None:  # the shared tokens are real tokens of every row
+                mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], 1)
+            out = rt.model(ids, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1)
             first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log p(first label token | prompt)
             total = first[:, label_ids[:, 0]]  # (B, K)
             if L > 1:
@@ -100,3 +114,25 @@ class Classify(Prompted):
                 best = max(range(K), key=p.__getitem__)
                 results[i].update(label=labels[best], score=p[best], labels=[labels[best]],
                                   scores=[{"label": lab, "score": v} for lab, v in zip(labels, p)])
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many tokens every row starts with, leaving each row at least its last token (whose logits
+    the labels need)."""
+    n, first = min(map(len, rows)) - 1, rows[0]
+    for row in rows[1:]:
+        if row[:n] != first[:n]:
+            n = next(k for k in range(n) if row[k] != first[k])
+    return max(n, 0)
+
+
+def repeat(prefix: KVCache, rows: int, room: int) -> KVCache:
+    """A cache of `rows` copies of a one-row cache, with `room` free positions after its tokens."""
+    out = KVCache(len(prefix.keys), capacity=prefix.length + room)
+    out.length = prefix.length
+    for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+        for buffers, t in ((out.keys, k), (out.values, v)):
+            buf = t.new_empty(rows, t.shape[1], prefix.length + room, t.shape[3])
+            buf[:, :, : prefix.length].copy_(t[:, :, : prefix.length])  # broadcast over the rows
+            buffers[layer] = buf
+    return out

@@ -161,6 +161,10 @@ _DECLARED = [
             "new tokens (default: 16 slots, fewer if over half the free memory)", role="resource", tasks=GEN),
     Setting("prefill_chunk", int, 256, "prompt tokens the engine prefills per step", role="resource", tasks=GEN,
             ge=1),
+    Setting("prefix_cache", bool, True, "reuse the keys and values of prompt beginnings that rows share (generate: "
+            "the engine's prefix cache, across rows and requests; zero-shot classify: a batch's common prefix, "
+            "computed once); the output is the same either way", role="resource", tasks=GEN + CLS,
+            flag="--no-prefix-cache"),
     Setting("rows_per_batch", int, 256, "rows handed to a replica at a time", role="resource", ge=1),
 ]
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
@@ -293,7 +297,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action="append", default=None, help=text)
         elif origin is dict:
             parser.add_argument(flag, dest=name, type=_json_object, default=None, help=text)
-        elif s.type is bool:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, help=text)
+        elif s.type is bool:  # the flag says the other value than the default (--sample, --no-prefix-cache)
+            parser.add_argument(flag, dest=name, action="store_const", const=not s.default, help=text)
         else:
             parser.add_argument(flag, dest=name, type=_scalar(s.type), default=None, help=text)
