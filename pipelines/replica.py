@@ -31,7 +31,7 @@ from bloom.quant import check_quantize
 
 from . import adapters
 from .config import LabelConfig
-from .corpus import ENGINE_STEPS
+from .corpus import ENGINE_COUNTS
 from .tasks import TASKS, Runtime, settings
 from .tasks.base import encode_capped
 
@@ -99,23 +99,24 @@ class BloomReplica:
                                adapters=adapters.bank(config, self.model))
         self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
         self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
-        self.fields = self.task.output_fields()
+        self.fields = self.task.output_fields(self.runtime)
 
     # ------------------------------------------------------------------ batch in, batch out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Label an Arrow batch; returns pass-through columns + the task's columns, one row per input row."""
         rows = batch.to_pylist()
-        steps = self.engine.steps if self.engine is not None else 0
+        counts = [getattr(self.engine, attr) for _, _, attr in ENGINE_COUNTS] if self.engine is not None else []
         results = self.label_rows(rows)
         keep = [c for c in self.passthrough_columns() if c in batch.column_names]
         columns = {c: batch.column(c) for c in keep}
         for f in self.fields:
             columns[f.name] = pa.array([r.get(f.name) for r in results], type=f.type)
         if self.engine is not None and rows:
-            # The engine steps this batch took, on its first row (the write step sums and drops the column):
-            # the run report's mean batch occupancy is generated tokens / steps.
-            columns[ENGINE_STEPS] = pa.array([self.engine.steps - steps] + [0] * (len(rows) - 1), pa.int64())
+            # The engine steps (and prompt tokens, reused ones) this batch took, on its first row (the write step
+            # sums and drops the columns): the run report's mean batch occupancy and prefix cache hit rate.
+            for (column, _, attr), before in zip(ENGINE_COUNTS, counts):
+                columns[column] = pa.array([getattr(self.engine, attr) - before] + [0] * (len(rows) - 1), pa.int64())
         return pa.table(columns)
 
     def passthrough_columns(self) -> list[str]:

@@ -280,6 +280,12 @@ def merge_reasons(total: dict, more: dict, samples: int = 3) -> dict:
 
 
 ENGINE_STEPS = "_engine_steps"  # generate: a batch's engine steps, from the replica to the write step (not written)
+# The generation engine's counters that a batch advanced, each a column from the replica to the write step (on
+# the batch's first row; summed there and not written): (column, the write summary's name, the engine's
+# attribute). Steps give the report's mean batch occupancy, the prompt tokens its prefix cache hit rate.
+ENGINE_COUNTS = [(ENGINE_STEPS, "engine_steps", "steps"),
+                 ("_engine_prompt_tokens", "engine_prompt_tokens", "prompt_tokens"),
+                 ("_engine_prefix_tokens_reused", "prefix_tokens_reused", "prompt_tokens_reused")]
 
 
 def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa.Table:
@@ -289,10 +295,11 @@ def write_part(batch: pa.Table, output: str, id_column: str | None = None) -> pa
     Checks its own keys: a row twice in one batch is an error here, where the data is, so the driver
     only compares intervals. Same rows, same name: a retried write replaces its part."""
     summary = {"rows": [batch.num_rows], "errored": [0], "input_tokens": [0], "parts": [0], "reasons": ["{}"],
-               "generated_tokens": [0], "engine_steps": [0]}
-    if ENGINE_STEPS in batch.column_names:  # the generation engine's steps, counted by the replica; not written
-        summary["engine_steps"] = [int(pc.sum(batch.column(ENGINE_STEPS)).as_py() or 0)]
-        batch = batch.drop_columns([ENGINE_STEPS])
+               "generated_tokens": [0], **{name: [0] for _, name, _ in ENGINE_COUNTS}}
+    for column, name, _ in ENGINE_COUNTS:  # the generation engine's counters, from the replica; not written
+        if column in batch.column_names:
+            summary[name] = [int(pc.sum(batch.column(column)).as_py() or 0)]
+            batch = batch.drop_columns([column])
     if batch.num_rows == 0:
         return pa.table(summary)
     summary["reasons"] = [json.dumps(error_reasons(batch, id_column))]

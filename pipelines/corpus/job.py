@@ -23,8 +23,8 @@ from bloom.engine import kv_bytes_per_token
 
 from .. import adapters, delta, storage
 from ..config import LabelConfig, model_fingerprint
-from . import (CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending, plan,
-                     read_row_groups, scan_output, verify, write_part)
+from . import (ENGINE_COUNTS, CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending,
+               plan, read_row_groups, scan_output, verify, write_part)
 from ..hub import resolve_model
 from ..replica import BloomReplica, check_model
 from ..tasks import TASKS
@@ -375,7 +375,8 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
         node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
 
-    run_rows = run_tokens = generated = steps = 0
+    run_rows = run_tokens = generated = 0
+    engine = {name: 0 for _, name, _ in ENGINE_COUNTS}  # the generation engine's counters, summed
     errors: dict[str, list] = {}
     if todo:
         import ray
@@ -398,7 +399,8 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
                 run_rows += pc.sum(summary.column("rows")).as_py() or 0
                 run_tokens += pc.sum(summary.column("input_tokens")).as_py() or 0
                 generated += pc.sum(summary.column("generated_tokens")).as_py() or 0
-                steps += pc.sum(summary.column("engine_steps")).as_py() or 0
+                for name in engine:
+                    engine[name] += pc.sum(summary.column(name)).as_py() or 0
                 for reasons in summary.column("reasons").to_pylist():
                     merge_reasons(errors, json.loads(reasons))
                 progress.show(run_rows)
@@ -421,7 +423,11 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
         report["generated_tokens_this_run"] = generated
         report["generated_tokens_per_second"] = round(generated / wall, 3) if wall else None
         # Each step gives every sequence in the batch one token: tokens / steps = mean rows per step.
+        steps, prompt = engine["engine_steps"], engine["engine_prompt_tokens"]
         report["mean_batch_occupancy"] = round(generated / steps, 2) if steps else None
+        # Prompt tokens the prefix cache gave / prompt tokens of the sequences started (this run's).
+        report["prefix_tokens_reused_this_run"] = engine["prefix_tokens_reused"]
+        report["prefix_hit_rate"] = round(engine["prefix_tokens_reused"] / prompt, 4) if prompt else None
     problems = verify(corpus, state)
     if problems:
         problems.insert(0, f"the output holds {state.rows} rows for {rows_in} input rows")

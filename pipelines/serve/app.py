@@ -2,15 +2,16 @@
 the offline job, so a request gets exactly what the job writes for the same row. OpenAI's request and
 answer shapes are in `openai`, its error shape in `errors`, chat templates in `chat`.
 
-Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa (one item or a list, per-request parameters),
+Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa, /v1/embed (one item or a list, per-request parameters),
 OpenAI-style POST /v1/completions (text or token-id prompts, n and best_of choices, logprobs, echo,
 logit_bias; `stream: true` answers with server-sent events), POST /v1/chat/completions (where a chat
-template is set: the messages rendered into a prompt, then the completions path), GET /v1/models and
+template is set: the messages rendered into a prompt, then the completions path), POST /v1/embeddings
+(OpenAI's shape over the task that embeds, batched with its /v1/{task} requests), GET /v1/models and
 /v1/models/{id}, GET /healthz (alive) and /readyz (models loaded). Every error, on every route, is
 OpenAI's object {"error": {"message", "type", "param", "code"}} with the status of its kind (400 invalid,
 401, 404, 413, 503). Generation requests,
 streamed or not, are sequences of one continuous-batching engine per replica (bloom.engine): they join
-and leave its running batch between decode steps. Classify, NER and QA requests are batched with
+and leave its running batch between decode steps. Classify, NER, QA and embed requests are batched with
 @serve.batch, batches capped by a token budget, re-tunable through `user_config`; they never wait
 behind a generation.
 """
@@ -42,8 +43,8 @@ from ..tasks import TASKS, timings
 from ..tasks.settings import SettingError, openai_names
 from .chat import ChatTemplateError, checkpoint_chat_template, compile_template, render_chat
 from .errors import ApiError, error_answer
-from .openai import (NO_OP, ChatRequest, CompletionRequest, SamplingRequest, best_choices, choice_pieces,
-                     join_logprobs, make_choice, token_prompt, usage_of)
+from .openai import (NO_OP, ChatRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, best_choices,
+                     choice_pieces, embedding_item, join_logprobs, make_choice, token_prompt, usage_of)
 
 logger = logging.getLogger("bloomline.serve")
 ADAPTERS_REPORTED = 16  # adapters a replica reports holding to Serve's router (see _loaded_adapter)
@@ -73,7 +74,7 @@ async def _api_error(request: Request, e: ApiError):
 async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
     status, path = e.status_code, request.url.path
     *_, parent, last = ["", "", *path.rstrip("/").split("/")]
-    if status == 405 and parent == "v1" and last not in (*TASKS, "completions", "models", "stats"):
+    if status == 405 and parent == "v1" and last not in (*TASKS, "completions", "models", "stats", "embeddings"):
         status = 404  # only POST /v1/{task} matched the path, and there is no such task
     message = {404: f"no route {path}", 405: f"{request.method} is not allowed on {path}"}
     return error_answer(status, message.get(status, str(e.detail)),
@@ -587,7 +588,32 @@ class BloomEndpoint:
                 if not seq.finished:
                     replica.engine.abort(seq)
 
-    # Declared last: /v1/completions, /v1/models and /v1/stats match first.
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        """OpenAI's embeddings API over the task that embeds: input as a text, texts, token ids or lists of
+        token ids; encoding_format float or base64; dimensions only the model's own (else 400). The items
+        are batched with the task's other requests (/v1/{task}), so they get what the job writes."""
+        req = await self._body(request, EmbeddingRequest)
+        replica = next((r for r in self.replicas.values() if r.task.embeds), None)
+        if replica is None:
+            name = next(name for name, task in TASKS.items() if task.embeds)
+            raise ApiError(404, f"this endpoint does not serve task {name!r}", "model")
+        name, size = replica.task.name, replica.model.config.hidden_size
+        if req.model is not None and req.model != name:
+            raise ApiError(404, f"model {req.model!r} is not served here (embeddings serve: {name})", "model")
+        if req.dimensions is not None and req.dimensions != size:
+            raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have "
+                                f"{size} (send {size} or leave it out)", "dimensions")
+        single = isinstance(req.input, str) or bool(req.input) and isinstance(req.input[0], int)
+        items = [req.input] if single else req.input
+        rows = [replica.task.item_row(item, replica.config) for item in items]
+        answer = await self._label("embeddings", name, rows, {}, False, "input", listed=not single)
+        results = answer["results"]
+        tokens = sum(r["input_tokens"] for r in results)
+        return {"object": "list", "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "data": [embedding_item(i, r["embedding"], req.encoding_format) for i, r in enumerate(results)]}
+
+    # Declared last: /v1/completions, /v1/embeddings, /v1/models and /v1/stats match first.
     @app.post("/v1/{task}")
     async def label(self, task: str, request: Request):
         """/v1/generate, /v1/classify, /v1/ner, /v1/qa: {"inputs": item or [items], "parameters": {...}}."""

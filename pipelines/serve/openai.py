@@ -1,11 +1,15 @@
-"""OpenAI's API over the engine's sequences: the request models of /v1/completions and
-/v1/chat/completions (every declared setting with an OpenAI name, e.g. max_tokens, comes from
-`pipelines.tasks.settings`), and the answer's shapes (choices, logprobs, usage).
+"""OpenAI's API over the engine's sequences and the embedding task: the request models of
+/v1/completions, /v1/chat/completions and /v1/embeddings (every declared setting with an OpenAI name,
+e.g. max_tokens, comes from `pipelines.tasks.settings`), and the answer's shapes (choices, logprobs,
+embeddings, usage).
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+import base64
+from typing import Any, Literal, Union
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -79,6 +83,25 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = None  # max_tokens' newer name
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
+
+
+class EmbeddingRequest(_OpenAIRequest):
+    """OpenAI's embeddings request; input: a text, texts, token ids, or lists of token ids. dimensions:
+    only the model's own size (we do not shorten vectors)."""
+
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+def embedding_item(index: int, vector: list[float], encoding_format: str) -> dict:
+    """One entry of an embeddings answer's data: the vector as floats, or base64 of its little-endian
+    float32 bytes (what OpenAI's client decodes with numpy's frombuffer)."""
+    if encoding_format == "base64":
+        vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return {"object": "embedding", "index": index, "embedding": vector}
 
 
 # OpenAI's fields that we take only at the value that changes nothing (or null); any other value is a 400.

@@ -85,6 +85,7 @@ class Task:
     Item: ClassVar[object] = str  # one input of an endpoint request
     fields: ClassVar[list[tuple[str, pa.DataType]]]
     runs_on_engine: ClassVar[bool] = False
+    embeds: ClassVar[bool] = False  # its output is an embedding: the endpoint's /v1/embeddings serves it
     demo_labels: ClassVar[dict | None] = None  # the labels of the demo checkpoint's head, where it has any
     head_hint: ClassVar[str] = ""  # what else to try when a checkpoint lacks the task's head
 
@@ -119,8 +120,9 @@ class Task:
         """What a request (or a row's overrides) may set, from the declarations: None = the default."""
         return settings.params_model(self.name)
 
-    def output_fields(self) -> list[pa.Field]:
-        """The columns the task writes after the pass-through columns, with fixed Arrow types."""
+    def output_fields(self, rt: Runtime | None = None) -> list[pa.Field]:
+        """The columns the task writes after the pass-through columns, with fixed Arrow types (rt: the
+        loaded runtime, for a type that depends on the model, e.g. an embedding's size)."""
         return [pa.field(n, t) for n, t in self.fields + COMMON_FIELDS]
 
     def content_settings(self, c) -> dict:
@@ -254,12 +256,13 @@ def windows(rt: Runtime, texts: dict[int, object], results: list[dict], c, pair:
     return out
 
 
-def lora_batch(rt: Runtime, adapters: dict | None, rows: list[int]):
+def lora_batch(rt: Runtime, adapters: dict | None, rows: list[int], per_token: bool = False):
     """The `lora=` of a forward whose batch rows are those of `rows` (row indices, repeated where a row has
-    several batch rows): each its adapter from `adapters` ({row: name}); None when none uses one."""
+    several batch rows; with per_token, one entry per packed token): each its adapter from `adapters`
+    ({row: name}); None when none uses one."""
     if rt.adapters is None or not adapters:
         return None
-    return rt.adapters.batch([adapters.get(i) for i in rows])
+    return rt.adapters.batch([adapters.get(i) for i in rows], per_token)
 
 
 def run_windows(rt: Runtime, windows: dict[int, list], c, head, adapters: dict | None = None) -> dict[int, list]:

@@ -7,6 +7,8 @@ import pyarrow as pa
 import torch
 
 import bloom
+from bloom import KVCache
+from bloom.model import alibi_slopes, attention
 
 from .base import Prompted, batches, encode_capped, lora_batch
 from .settings import SettingError
@@ -73,7 +75,9 @@ class Classify(Prompted):
 
     def _zero_shot(self, rt, encoded, results, c, adapters=None):
         """Rank candidate labels by the log-likelihood of their tokens after the prompt. The prompt is run
-        once per row; its KV cache is shared by every label's continuation."""
+        once per row; its KV cache is shared by every label's continuation. With prefix_cache, the tokens
+        every row starts with (a few-shot template) are run once for all of them: each batch starts from
+        a copy of their keys and values and runs only its rows' own tokens."""
         labels, label_lists = c.candidate_labels, self.label_ids(rt, c)
         K, L = len(label_lists), max(map(len, label_lists))
         label_ids = torch.full((K, L), rt.pad_id, dtype=torch.long)
@@ -81,25 +85,101 @@ class Classify(Prompted):
         for k, ids in enumerate(label_lists):  # right-padded: padding after a label cannot affect it
             label_ids[k, : len(ids)], label_mask[k, : len(ids)] = torch.tensor(ids), 1
         label_ids, label_mask = label_ids.to(rt.input_device), label_mask.to(rt.input_device)
-        for idx, ids, mask in batches(rt, encoded, c, extra=L):
-            B = len(idx)
-            out = rt.model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+        # A prefix's keys and values depend on the adapter that ran it: rows share one only when they
+        # share their adapter (the base model or one adapter for the call; mixed adapters run whole rows).
+        shared = len({(adapters or {}).get(i) for i in encoded}) == 1
+        P = common_prefix(list(encoded.values())) if c.prefix_cache and len(encoded) > 1 and shared else 0
+        prefix = None
+        if P:
+            first = next(iter(encoded))
+            prefix = rt.model(torch.tensor([encoded[first][:P]], device=rt.input_device), use_cache=True,
+                              logits_to_keep=1, lora=lora_batch(rt, adapters, [first])).past_key_values
+        own = {i: ids[P:] for i, ids in encoded.items()}
+        M = L - 1  # label tokens fed after the prompt (all but each label's last)
+        for idx, ids, mask in batches(rt, own, c, extra=P + L):
+            B, T = ids.shape
+            # Room for the rows' tokens and every label's after what is cached: appending copies nothing.
+            room = T + K * M
+            cache = KVCache(rt.model.config.n_layer, capacity=room) if prefix is None else repeat(prefix, B, room)
+            if prefix is not None:  # the shared tokens are real tokens of every row
+                mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], 1)
+            out = rt.model(ids, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1,
                            lora=lora_batch(rt, adapters, idx))
             first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log p(first label token | prompt)
             total = first[:, label_ids[:, 0]]  # (B, K)
-            if L > 1:
-                cache = out.past_key_values.select(torch.arange(B).repeat_interleave(K))
-                cont_ids = label_ids[:, :-1].repeat(B, 1)  # (B*K, L-1): feed all but the last label token
-                cont_mask = torch.cat([mask.repeat_interleave(K, 0), label_mask[:, :-1].repeat(B, 1)], 1)
-                lora = lora_batch(rt, adapters, [i for i in idx for _ in range(K)])  # as the cache's rows
-                logp = rt.model(cont_ids, past_key_values=cache, attention_mask=cont_mask,
-                                lora=lora).logits.float().log_softmax(-1)
-                targets = label_ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
-                picked = logp.gather(-1, targets[..., None]).squeeze(-1) * label_mask[:, 1:].repeat(B, 1)
-                total = total + picked.sum(-1).view(B, K)
+            if M:
+                # Every row's K labels side by side in one packed forward, each over its row's cache (in
+                # place, never copied per label) and its own earlier tokens.
+                step = LabelsAttention(cache, mask, label_mask[:, :-1], rt.model.config.n_head,
+                                       cache.keys[0].dtype)
+                # packed tokens row by row, each row's K labels of M tokens: each its row's adapter
+                lora = lora_batch(rt, adapters, [i for i in idx for _ in range(K * M)], per_token=True)
+                h = rt.model.transformer(label_ids[:, :-1].reshape(1, -1).repeat(1, B), packed=step,
+                                         lora=lora).last_hidden_state
+                logp = rt.model.lm_head(h).float().log_softmax(-1).view(B, K, M, -1)
+                picked = logp.gather(-1, label_ids[None, :, 1:, None].expand(B, K, M, 1)).squeeze(-1)
+                total = total + (picked * label_mask[:, 1:]).sum(-1)  # (B, K)
             probs = total.softmax(-1)
             for j, i in enumerate(idx):
                 p = probs[j].tolist()
                 best = max(range(K), key=p.__getitem__)
                 results[i].update(label=labels[best], score=p[best], labels=[labels[best]],
                                   scores=[{"label": lab, "score": v} for lab, v in zip(labels, p)])
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many tokens every row starts with, leaving each row at least its last token (whose logits
+    the labels need)."""
+    n, first = min(map(len, rows)) - 1, rows[0]
+    for row in rows[1:]:
+        if row[:n] != first[:n]:
+            n = next(k for k in range(n) if row[k] != first[k])
+    return max(n, 0)
+
+
+class LabelsAttention:
+    """The `packed=` attention (see `BloomModel.forward`) of K candidate labels' continuations of M tokens
+    after each of B prompts, packed as one row of B*K*M tokens (row, label, token). Each continuation
+    attends as if it were its own sequence after its prompt: over the prompt's real tokens, kept in the
+    prompt's cache, and its own label's earlier real tokens (not the other labels'), with ALiBi positions
+    continuing the prompt's (n real tokens: the label's token j at n + j). The labels' keys and values are
+    written into the cache's room after the prompt, so nothing is copied per label.
+
+    cache: the prompts' KVCache (B rows, S tokens, room for K*M more); mask (B, S) of the prompts;
+    label_mask (K, M): 1 where a label has its token j."""
+
+    def __init__(self, cache: KVCache, mask: torch.Tensor, label_mask: torch.Tensor, n_head: int, dtype):
+        (B, S), (K, M) = mask.shape, label_mask.shape
+        self.cache, self.S, self.B, self.KM = cache, S, B, K * M
+        real = mask.to(torch.int64)
+        j = torch.arange(M, device=mask.device).repeat(K)  # (KM,): each packed token's place in its label
+        label = torch.arange(K, device=mask.device).repeat_interleave(M)
+        positions = torch.cat([(real.cumsum(-1) - 1) * real, real.sum(-1, keepdim=True) + j], 1).float()  # (B, S+KM)
+        alibi = (alibi_slopes(n_head).to(mask.device)[None, :, None] * positions[:, None]).to(dtype)
+        # (KM queries, KM keys): the same label, an earlier or the same token, a real one
+        own = (label[:, None] == label[None]) & (j[None] <= j[:, None]) & label_mask.reshape(-1).bool()[None]
+        visible = torch.cat([real.bool()[:, None, :].expand(B, K * M, S), own.expand(B, K * M, K * M)], -1)
+        self.bias = alibi[:, :, None].expand(B, n_head, K * M, S + K * M).clone()
+        self.bias.masked_fill_(~visible[:, None], torch.finfo(dtype).min)  # (B, H, KM, S + KM)
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """q, k, v (1, H, B*K*M, D) → (1, H, B*K*M, D)."""
+        H, D, end = q.shape[1], q.shape[3], self.S + self.KM
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        for buf, new in ((keys, k), (values, v)):
+            buf[:, :, self.S : end] = new[0].reshape(H, self.B, self.KM, D).transpose(0, 1)
+        q = q[0].reshape(H, self.B, self.KM, D).transpose(0, 1)  # (B, H, KM, D)
+        y, _ = attention(q, keys[:, :, :end], values[:, :, :end], self.bias.to(keys.device), scale)
+        return y.transpose(0, 1).reshape(1, H, self.B * self.KM, D)
+
+
+def repeat(prefix: KVCache, rows: int, room: int) -> KVCache:
+    """A cache of `rows` copies of a one-row cache, with `room` free positions after its tokens."""
+    out = KVCache(len(prefix.keys), capacity=prefix.length + room)
+    out.length = prefix.length
+    for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+        for buffers, t in ((out.keys, k), (out.values, v)):
+            buf = t.new_empty(rows, t.shape[1], prefix.length + room, t.shape[3])
+            buf[:, :, : prefix.length].copy_(t[:, :, : prefix.length])  # broadcast over the rows
+            buffers[layer] = buf
+    return out

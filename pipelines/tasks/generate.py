@@ -133,7 +133,7 @@ class Generate(Prompted):
         # after loading the model (at least one).
         cache_tokens = c.cache_tokens or fit_cache_tokens(rt.model, longest)
         rt.engine = Engine(rt.model, rt.tokenizer, cache_tokens=cache_tokens, max_seq_len=longest,
-                           prefill_chunk=c.prefill_chunk, adapters=rt.adapters)
+                           prefill_chunk=c.prefill_chunk, adapters=rt.adapters, prefix_cache=c.prefix_cache)
         logger.info("generation cache: %d sequences of %d tokens (%.2f GB)", rt.engine.cache.num_slots, longest,
                     rt.engine.cache.nbytes / 1e9)
 

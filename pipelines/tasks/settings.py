@@ -63,6 +63,7 @@ class Setting:
 
 
 GEN, CLS, NER, QA = ("generate",), ("classify",), ("ner",), ("qa",)
+EMB = ("embed",)
 LogitBias = dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]]
 
 _DECLARED = [
@@ -75,7 +76,7 @@ _DECLARED = [
             "demo corpus", role="resource"),
     Setting("output", str, "", "output directory for Parquet parts and _report.json; default: demo/out-<task> "
             "with the demo checkpoint, demo/out-<task>-<model directory name> with another", role="resource"),
-    Setting("text_column", str, "text", "column with the text to label", tasks=GEN + CLS + NER),
+    Setting("text_column", str, "text", "column with the text to label", tasks=GEN + CLS + NER + EMB),
     Setting("id_column", str, "id", "column copied to the output to identify rows"),
     Setting("keep_columns", list[str], [], "another input column to copy to the output (repeatable)",
             flag="--keep-column"),
@@ -123,6 +124,11 @@ _DECLARED = [
     Setting("stride", int, 32, "tokens shared by consecutive windows of a long text", tasks=NER + QA, ge=0),
     # --- qa ---
     Setting("max_answer_len", int, 30, "longest answer in tokens", "request", QA, ge=1),
+    # --- embed ---
+    Setting("pooling", str, "weightedmean", "how the last hidden states become one vector: weightedmean (SGPT's: "
+            "token t of n weighs t), mean, or last (the last token's)", "request", EMB,
+            choices=("weightedmean", "mean", "last")),
+    Setting("normalize", bool, False, "divide each embedding by its L2 norm", "request", EMB),
     # --- limits and errors ---
     Setting("max_input_tokens", int, 1024, "tokens per row (per window for ner/qa)", ge=1),
     Setting("too_long", str, "error", "rows over --max-input-tokens: error, or truncate (a template is kept "
@@ -155,6 +161,10 @@ _DECLARED = [
             "new tokens (default: 16 slots, fewer if over half the free memory)", role="resource", tasks=GEN),
     Setting("prefill_chunk", int, 256, "prompt tokens the engine prefills per step", role="resource", tasks=GEN,
             ge=1),
+    Setting("prefix_cache", bool, True, "reuse the keys and values of prompt beginnings that rows share (generate: "
+            "the engine's prefix cache, across rows and requests; zero-shot classify: a batch's common prefix, "
+            "computed once); the output is the same either way", role="resource", tasks=GEN + CLS,
+            flag="--no-prefix-cache"),
     Setting("rows_per_batch", int, 256, "rows handed to a replica at a time", role="resource", ge=1),
     # --- LoRA adapters (pipelines.adapters): the declared adapters' bytes enter the fingerprint ---
     Setting("adapters", list[str], [], "a PEFT LoRA adapter the run may use, NAME=PATH (a local or s3:// "
@@ -300,7 +310,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action="append", default=None, help=text)
         elif origin is dict:
             parser.add_argument(flag, dest=name, type=_json_object, default=None, help=text)
-        elif s.type is bool:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, help=text)
+        elif s.type is bool:  # the flag says the other value than the default (--sample, --no-prefix-cache)
+            parser.add_argument(flag, dest=name, action="store_const", const=not s.default, help=text)
         else:
             parser.add_argument(flag, dest=name, type=_scalar(s.type), default=None, help=text)

@@ -11,7 +11,7 @@ import torch
 
 import bloom
 from pipelines.config import LabelConfig
-from pipelines.corpus import ENGINE_STEPS
+from pipelines.corpus import ENGINE_COUNTS
 from pipelines.replica import BloomReplica, output_fields
 from pipelines.tasks.base import token_budget_batches
 from pipelines.tasks.spans import best_span, ner_entities
@@ -211,15 +211,15 @@ def test_too_long_rows_error_or_truncate(checkpoints):
     assert truncated[0]["truncated"] is True and truncated[0]["label"] and truncated[0].get("error") is None
 
 
-@pytest.mark.parametrize("task", ["generate", "classify", "ner", "qa"])
+@pytest.mark.parametrize("task", ["generate", "classify", "ner", "qa", "embed"])
 def test_schema_is_fixed_even_when_every_row_errors(checkpoints, task):
     rep = replica(checkpoints, task, max_new_tokens=2)
     bad = rep(pa.table({"id": ["a", "b"], "text": pa.array([None, None], pa.string()),
                         "question": pa.array([None, None], pa.string()), "context": ["x", "y"]}))
     good = rep(table(corpus_rows(2)))
     assert bad.schema == good.schema
-    # generate also hands the write step its engine steps (summed there for the report, never written)
-    steps = [ENGINE_STEPS] if task == "generate" else []
+    # generate also hands the write step its engine's counts (summed there for the report, never written)
+    steps = [column for column, _, _ in ENGINE_COUNTS] if task == "generate" else []
     assert bad.schema.names == ["id", *[f.name for f in output_fields(task)], *steps]
     assert bad.column("error").null_count == 0
 

@@ -22,12 +22,14 @@ def labeled(source, rows, errored=()):
                      "input_tokens": pa.array([3] * len(rows), pa.int64())})
 
 
-def test_write_part_sums_the_engine_steps_and_does_not_write_them(tmp_path):
-    batch = labeled("a", [0, 1, 2]).append_column(C.ENGINE_STEPS, pa.array([7, 0, 0], pa.int64()))
+def test_write_part_sums_the_engine_counts_and_does_not_write_them(tmp_path):
+    batch = labeled("a", [0, 1, 2])
+    for k, (column, _, _) in enumerate(C.ENGINE_COUNTS):
+        batch = batch.append_column(column, pa.array([7 + k, 0, 1], pa.int64()))
     summary = C.write_part(batch, str(tmp_path)).to_pylist()[0]
-    assert summary["engine_steps"] == 7
+    assert (summary["engine_steps"], summary["engine_prompt_tokens"], summary["prefix_tokens_reused"]) == (8, 9, 10)
     (part,) = tmp_path.iterdir()
-    assert C.ENGINE_STEPS not in pq.read_schema(part).names
+    assert not {column for column, _, _ in C.ENGINE_COUNTS} & set(pq.read_schema(part).names)
 
 
 def test_plan_cuts_row_groups_into_units_and_slices(tmp_path, monkeypatch):
@@ -66,7 +68,8 @@ def test_write_part_cuts_runs_of_one_file_in_order_and_a_retry_rewrites_the_same
     batch = pa.concat_tables([labeled("b", [5, 3, 4], errored={4}), labeled("a", [0, 1, 7])])
     summary = C.write_part(batch, str(out)).to_pylist()[0]
     assert summary == {"rows": 6, "errored": 1, "input_tokens": 18, "parts": 3, "generated_tokens": 0,
-                       "engine_steps": 0, "reasons": '{"bad": [1, ["None"]]}'}  # no id column: sample ids are None
+                       "engine_steps": 0, "engine_prompt_tokens": 0, "prefix_tokens_reused": 0,
+                       "reasons": '{"bad": [1, ["None"]]}'}  # no id column: sample ids are None
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([C.part_name("a", 0, 2, 0, 6), C.part_name("a", 7, 1, 0, 3), C.part_name("b", 3, 3, 1, 9)])
     part = pq.read_table(out / C.part_name("b", 3, 3, 1, 9))

@@ -80,6 +80,22 @@ def test_pipeline_output_equals_the_replica_row_by_row(ray_cluster, checkpoints,
         assert 1 < report["mean_batch_occupancy"] <= 16
 
 
+def test_the_report_gives_the_prefix_cache_hit_rate_of_rows_sharing_a_template(ray_cluster, checkpoints, corpus,
+                                                                              tmp_path):
+    """Rows under one few-shot template reuse its cached blocks (the engine's prefix cache, on by default);
+    with prefix_cache off nothing is reused, and the outputs are the same (float32)."""
+    template = "Answer in a few words. Examples: " + " ".join(r["text"] for r in corpus_rows(4)) + "\nText: {text}\nAnswer:"
+    on = run_label_job(config(checkpoints, "generate", corpus, tmp_path / "on", prompt_template=template,
+                              dtype="float32"))
+    off = run_label_job(config(checkpoints, "generate", corpus, tmp_path / "off", prompt_template=template,
+                               dtype="float32", prefix_cache=False))
+    assert 0.5 < on["prefix_hit_rate"] < 1 and on["prefix_tokens_reused_this_run"] > 0
+    assert off["prefix_hit_rate"] == 0 and off["prefix_tokens_reused_this_run"] == 0
+    texts = {p: dict(zip(*read_output(tmp_path / p).select(["id", "generated_text"]).to_pydict().values()))
+             for p in ("on", "off")}
+    assert texts["on"] == texts["off"]
+
+
 def test_rerun_labels_nothing_and_other_settings_are_refused(ray_cluster, checkpoints, corpus, tmp_path):
     cfg = config(checkpoints, "classify", corpus, tmp_path / "out")
     run_label_job(cfg)

@@ -78,3 +78,10 @@ def test_every_declaration_is_complete():
     for name, task in TASKS.items():  # a request may set exactly its task's request settings
         assert set(task.Params.model_fields) == {n for n, s in SETTINGS.items()
                                                  if s.role == "request" and s.reads(name)}
+
+
+def test_a_bool_flag_says_the_value_other_than_the_default():
+    script = load_script()
+    assert script.parse_args(["--task", "generate"])[0].prefix_cache is True
+    assert script.parse_args(["--task", "generate", "--no-prefix-cache"])[0].prefix_cache is False
+    assert script.parse_args(["--task", "embed", "--normalize"])[0].normalize is True

@@ -1,0 +1,143 @@
+"""The endpoint's prefix cache under load: 16 concurrent clients stream completions whose prompts share a
+400-token prefix (a few-shot template or system prompt) and end with their own 24 tokens, with the
+generate task's `prefix_cache` on and off (loopback only, bounded).
+
+Starts local Ray and the endpoint from serve_config.yaml (one replica, a tiny random causal LM, float32),
+deploys it with prefix_cache on, then off, alternating `--repeats` times (a redeploy between), and measures
+per setting: TTFT p50 / p90 (the first streamed text's arrival) and generated tokens/s over the round
+(every client sends `--per-client` requests one after the other, `--new-tokens` each, greedy, eos off).
+Before each round one request computes the prefix, as a running endpoint would have seen it.
+
+    python benchmarks/bench_serve_prefix.py                 # ~2 minutes on 2 cores
+    python benchmarks/bench_serve_prefix.py --repeats 1 --per-client 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import describe, machine, write_results
+
+ROOT = Path(__file__).resolve().parent
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after the other")
+    p.add_argument("--prefix", type=int, default=400, help="shared prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="rounds of each setting, alternating")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serve_prefix.json")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT.parent))
+
+    import requests
+    import yaml
+
+    from bloom.tiny import make_tiny_checkpoint
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from pipelines.serve import app_from_config
+
+    vocab = 4096
+    lm = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "lm", hidden_size=args.hidden, n_layer=args.layers,
+                              n_head=args.hidden // 64, vocab_size=vocab)
+    rng = random.Random(0)
+    prefix = [rng.randrange(4, vocab) for _ in range(args.prefix)]
+    prompts = [prefix + [rng.randrange(4, vocab) for _ in range(24)] for _ in range(args.clients * args.per_client + 1)]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+
+    def deploy(prefix_cache: bool) -> None:
+        config = yaml.safe_load((ROOT.parent / "serve_config.yaml").read_text())
+        application = config["applications"][0]
+        application["args"].update(max_new_tokens_cap=args.new_tokens, tasks={"generate": {
+            "model": str(lm), "max_input_tokens": args.prefix + 64, "dtype": "float32",
+            "prefix_cache": prefix_cache}})
+        application["deployments"][0].update(autoscaling_config=None, num_replicas=1,
+                                             ray_actor_options={"num_cpus": 1})
+        app, name, route_prefix, _ = app_from_config(config)
+        serve.run(app, name=name, route_prefix=route_prefix)
+
+    def stream(prompt) -> tuple[float, int]:
+        """(seconds to the first text, generated tokens) of one streamed completion."""
+        start, first, tokens = time.perf_counter(), None, 0
+        body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with requests.post(base + "/v1/completions", json=body, timeout=300, stream=True) as r:
+            r.raise_for_status()
+            for line in r.iter_lines(decode_unicode=True):
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return first if first is not None else time.perf_counter() - start, tokens
+
+    def client(k: int) -> list[tuple[float, int]]:
+        return [stream(prompts[1 + k * args.per_client + j]) for j in range(args.per_client)]
+
+    rounds: dict[str, list[dict]] = {"on": [], "off": []}
+    for _ in range(args.repeats):
+        for name in rounds:
+            deploy(name == "on")
+            stream(prompts[0])  # the prefix seen once before the round (and the replica warmed)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                done = [x for part in pool.map(client, range(args.clients)) for x in part]
+            wall = time.perf_counter() - start
+            ttft = [t for t, _ in done]
+            stats = requests.get(base + "/v1/stats", timeout=10).json()["engine"]
+            rounds[name].append({"ttft_p50_ms": 1000 * pct(ttft, 0.5), "ttft_p90_ms": 1000 * pct(ttft, 0.9),
+                                 "tokens_per_s": sum(n for _, n in done) / wall, "seconds": wall,
+                                 "prefix_hit_rate": stats["prefix_hit_rate"]})
+            print(f"prefix_cache {name:3s}: TTFT p50 {rounds[name][-1]['ttft_p50_ms']:7.1f} ms  "
+                  f"p90 {rounds[name][-1]['ttft_p90_ms']:7.1f} ms  {rounds[name][-1]['tokens_per_s']:6.1f} tokens/s  "
+                  f"hit rate {stats['prefix_hit_rate']:.1%}", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+    med = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
+    results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
+               "median": med, "ttft_p50_on_over_off": med["on"]["ttft_p50_ms"] / med["off"]["ttft_p50_ms"],
+               "tokens_per_s_on_over_off": med["on"]["tokens_per_s"] / med["off"]["tokens_per_s"]}
+    print(f"{args.clients} clients x {args.per_client} streamed completions, {args.prefix}-token shared prefix + 24 own, "
+          f"{args.new_tokens} new tokens; medians of {args.repeats} alternating rounds:")
+    print(f"  TTFT p50 on/off x{results['ttft_p50_on_over_off']:.2f} ({med['on']['ttft_p50_ms']:.0f} vs "
+          f"{med['off']['ttft_p50_ms']:.0f} ms; goal <= 1/3)   tokens/s on/off x{results['tokens_per_s_on_over_off']:.2f} "
+          f"({med['on']['tokens_per_s']:.1f} vs {med['off']['tokens_per_s']:.1f}; goal not lower)")
+    print(f"machine: {describe(results['machine'])}")
+    write_results(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
