@@ -173,6 +173,23 @@ def test_zero_shot_classify_mixes_adapters_per_row(checkpoints, gen_adapters):
     assert bad["error_code"] == "unknown_adapter" and "nope" in bad["error"]
 
 
+
+def test_zero_shot_prefix_reuse_runs_the_shared_prefix_under_the_rows_adapter(checkpoints, gen_adapters):
+    # Every row under one few-shot template and one adapter: the template runs once, with the adapter.
+    template = "Examples: the match ended late; a vote was held; a new cell was found. Text: {text}\nTopic:"
+    scores = {}
+    for reuse in (True, False):
+        config = LabelConfig(task="classify", model=str(checkpoints["generate"]), dtype="float32",
+                             candidate_labels=["sports", "politics", "science news"], adapters=declare(gen_adapters),
+                             adapter="fr", prompt_template=template, prefix_cache=reuse)
+        scores[reuse] = [r["scores"] for r in BloomReplica(config, device="cpu").label_rows(rows(6))]
+    base = LabelConfig(task="classify", model=str(checkpoints["generate"]), dtype="float32",
+                       candidate_labels=["sports", "politics", "science news"], prompt_template=template)
+    plain = [r["scores"] for r in BloomReplica(base, device="cpu").label_rows(rows(6))]
+    for on, off, b in zip(scores[True], scores[False], plain):
+        assert_scores_close(on, off)
+        assert (log_scores(on) - log_scores(b)).abs().max() > 0.1  # the adapter did run
+
 def test_a_token_classification_checkpoint_takes_adapters_of_its_body(checkpoints, tmp_path):
     paths = lora(checkpoints["ner"], tmp_path, 5, cls_name="BloomForTokenClassification", task_type=None)
     config = LabelConfig(task="ner", model=str(checkpoints["ner"]), dtype="float32", adapters=declare(paths),
