@@ -96,24 +96,34 @@ class BloomReplica:
         self.runtime = Runtime(self.model, self.tokenizer, self.input_device, pad_id)
         self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
         self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
+        self._steps_told = 0  # the engine's step count when a batch last told its steps (steps_since_told)
         self.fields = self.task.output_fields()
 
     # ------------------------------------------------------------------ batch in, batch out
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Label an Arrow batch; returns pass-through columns + the task's columns, one row per input row."""
+    def __call__(self, batch: pa.Table, engine_steps: bool = True) -> pa.Table:
+        """Label an Arrow batch; returns pass-through columns + the task's columns, one row per input row
+        (and, with an engine and engine_steps, the job's engine-steps column)."""
         rows = batch.to_pylist()
-        steps = self.engine.steps if self.engine is not None else 0
         results = self.label_rows(rows)
         keep = [c for c in self.passthrough_columns() if c in batch.column_names]
         columns = {c: batch.column(c) for c in keep}
         for f in self.fields:
             columns[f.name] = pa.array([r.get(f.name) for r in results], type=f.type)
-        if self.engine is not None and rows:
-            # The engine steps this batch took, on its first row (the write step sums and drops the column):
-            # the run report's mean batch occupancy is generated tokens / steps.
-            columns[ENGINE_STEPS] = pa.array([self.engine.steps - steps] + [0] * (len(rows) - 1), pa.int64())
+        if self.engine is not None and rows and engine_steps:
+            # The engine steps since the last batch that ended here, on its first row (the write step sums
+            # and drops the column): the run report's mean batch occupancy is generated tokens / steps.
+            # Batches overlap on a fed engine (pipelines.processor), so each step is told once, by the
+            # batch that ends first after it, not by every batch that was running then.
+            columns[ENGINE_STEPS] = pa.array([self.steps_since_told()] + [0] * (len(rows) - 1), pa.int64())
         return pa.table(columns)
+
+    def steps_since_told(self) -> int:
+        """The engine's steps since the previous call (the first: since it was built)."""
+        with self._engine_lock:
+            now = self.engine.steps
+            told, self._steps_told = self._steps_told, now
+            return now - told
 
     def passthrough_columns(self) -> list[str]:
         c = self.config

@@ -156,6 +156,8 @@ _DECLARED = [
     Setting("prefill_chunk", int, 256, "prompt tokens the engine prefills per step", role="resource", tasks=GEN,
             ge=1),
     Setting("rows_per_batch", int, 256, "rows handed to a replica at a time", role="resource", ge=1),
+    Setting("batches_in_flight", int, 4, "batches an engine replica takes at once (the next batch's rows join "
+            "its running engine while the current batch finishes)", role="resource", tasks=GEN, ge=1),
 ]
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
