@@ -1,12 +1,13 @@
 """Label a Ray Dataset in your own pipeline: `label(ds, config) -> ds` with the job's replica stage.
 
     import ray
+    from ray.data.expressions import col
     from pipelines.config import LabelConfig
     from pipelines.processor import label
 
     config = LabelConfig(task=..., model=..., max_new_tokens=32)  # the job's settings, model and task
     ds = label(ray.data.read_json("s3://bucket/notes/"), config)
-    ds.filter(lambda row: row["error"] is None).write_parquet("s3://bucket/labeled/")
+    ds.filter(expr=col("error").is_null()).write_parquet("s3://bucket/labeled/")
 
 (examples/label_s3.py is the whole pipeline, runnable.)
 

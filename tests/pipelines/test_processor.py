@@ -3,6 +3,7 @@ inside a user's own Ray Data pipeline."""
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.config import LabelConfig
 from pipelines.corpus import ENGINE_STEPS
 from pipelines.corpus.job import run_label_job
 from pipelines.processor import FedReplica
-from pipelines.replica import BloomReplica
+from pipelines.replica import BloomReplica, output_fields
 from tests.pipelines.conftest import corpus_rows, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,3 +122,46 @@ def test_a_fed_generate_job_killed_mid_run_then_resumed_equals_an_uninterrupted_
     for part in out.glob("part-*.parquet"):
         rows = pq.read_table(part, columns=["_source", "_row"]).to_pylist()
         assert rows == sorted(rows, key=lambda r: (r["_source"], r["_row"]))
+
+
+def test_the_s3_example_labels_json_lines_inside_a_users_pipeline_like_the_job(ray_cluster, checkpoints, tmp_path,
+                                                                              monkeypatch):
+    from examples.label_s3 import label_json_lines
+    from tests.pipelines.conftest import S3_CREDENTIALS, moto_server, store, uri
+
+    for k, v in S3_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    rows = corpus_rows(30)
+    rows[3]["text"] = ""  # a bad row: labeled with an error, then filtered out by the example
+    with moto_server() as endpoint:
+        fs = store(endpoint)
+        fs.create_dir("notes")
+        with fs.open_output_stream("notes/in/part-0.jsonl") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+        cfg = generate_config(checkpoints, keep_columns=["lang"], rows_per_batch=8)
+        label_json_lines(uri(endpoint, "notes/in"), uri(endpoint, "notes/labeled"), cfg)
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector("notes/labeled")) if i.path.endswith(".parquet")]
+        out = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
+    # Every good row once, with the job's output schema (no provenance: the rows came from JSON, not the job's reader).
+    assert sorted(out.column("id").to_pylist()) == sorted(r["id"] for i, r in enumerate(rows) if i != 3)
+    fields = ["id", "lang"] + [f.name for f in output_fields("generate")]
+    assert out.schema.names == fields and ENGINE_STEPS not in out.schema.names
+    for f in output_fields("generate"):
+        assert out.schema.field(f.name).type == f.type
+    # Each row as the replica labels it alone.
+    alone = BloomReplica(cfg)
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    for row in rows[::6]:
+        if row["id"] in by_id:
+            (expected,) = alone.label_rows([row])
+            assert by_id[row["id"]]["generated_text"] == expected["generated_text"]
+
+
+def test_a_dataset_without_the_tasks_input_column_is_refused_naming_it(ray_cluster, checkpoints):
+    import ray
+
+    from pipelines.processor import label
+
+    ds = ray.data.from_items([{"id": 1, "body": "x"}])
+    with pytest.raises(ValueError, match="no column text"):
+        label(ds, generate_config(checkpoints))
