@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_serve_generate.py --baseline 52de9e6
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_recipe.py
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_prefix.py
 	$(PY) benchmarks/bench_constrained.py
