@@ -17,6 +17,7 @@ ratio are printed with the machine.
 
     python benchmarks/bench_recipe.py                    # 200 rows, 2 repeats per mode: ~8 min on 2 cores
     python benchmarks/bench_recipe.py --rows 48 --repeats 1 --modes fixed     # a quick look
+    python benchmarks/bench_recipe.py --baseline 290bbbe --repeats 1   # and the job before the continuous feed
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -178,6 +180,32 @@ def run_ours(corpus: Path, out: Path, model_dir: Path, fixed: bool) -> tuple[flo
     return seconds, report["generated_tokens_this_run"], report["mean_batch_occupancy"]
 
 
+def run_job_script(code: Path, corpus: Path, out: Path, model_dir: Path, fixed: bool) -> tuple[float, int, float]:
+    """As run_ours, but the job's script of the tree at `code` in its own process (joining this Ray),
+    timed from its start: how a baseline revision is measured, and this tree beside it."""
+    import ray
+
+    args = [sys.executable, str(code / "jobs" / "label_corpus.py"), "--task", "generate", "--model", str(model_dir),
+            "--input", str(corpus), "--output", str(out), "--max-new-tokens", str(MAX_NEW)]
+    args += ["--min-tokens", str(MAX_NEW)] if fixed else []
+    env = {**os.environ, "PYTHONPATH": str(code), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    start = time.perf_counter()
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    report = json.loads((out / "_report.json").read_text())
+    return seconds, report["generated_tokens_this_run"], report["mean_batch_occupancy"]
+
+
+def export(rev: str, directory: Path) -> Path:
+    """The code of git revision `rev` of this repository, in `directory`."""
+    archive = subprocess.run(["git", "-C", str(ROOT.parent), "archive", rev], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--baseline {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    directory.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=200)
@@ -186,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["varied", "fixed"], choices=["varied", "fixed"])
+    p.add_argument("--baseline", metavar="REV", help="also run the job of git revision REV; then both jobs run as "
+                   "their script in a process of their own, the recipe in this one")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_recipe.json")
     args = p.parse_args(argv)
 
@@ -201,6 +231,7 @@ def main(argv=None) -> int:
     cfg = bloom.BloomConfig.from_pretrained(model_dir)
     dtype = str(bloom.resolve_dtype("fast", cfg)).removeprefix("torch.")
     corpus = write_corpus(work / "corpus", texts)
+    baseline = export(args.baseline, work / "baseline") if args.baseline else None
     print(init_ray(2), file=sys.stderr)
     print(f"{describe(info)}; load average {os.getloadavg()[0]:.1f}; {args.rows} rows, hidden {args.hidden} x "
           f"{args.layers} layers, vocab {args.vocab}, {dtype}, eos id {cfg.eos_token_id}", flush=True)
@@ -208,11 +239,19 @@ def main(argv=None) -> int:
                "dtype": dtype, "max_new_tokens": MAX_NEW, "load_average_start": os.getloadavg()[0], "modes": {}}
     for mode in args.modes:
         fixed = mode == "fixed"
-        recipe, ours, occupancy = [], [], []
+        recipe, ours, occupancy, base, base_occupancy = [], [], [], [], []
         for k in range(args.repeats):
             seconds, tokens_r = run_recipe(corpus, work / f"recipe-{mode}-{k}", model_dir, dtype, fixed, cfg.eos_token_id)
             recipe.append(seconds)
-            seconds, tokens_o, occ = run_ours(corpus, work / f"ours-{mode}-{k}", model_dir, fixed)
+            if baseline:
+                seconds, tokens_b, occ = run_job_script(baseline, corpus, work / f"base-{mode}-{k}", model_dir, fixed)
+                base.append(seconds)
+                base_occupancy.append(occ)
+                print(f"  {mode} #{k + 1}: baseline {args.baseline} {seconds:.1f} s ({tokens_b} tokens, {occ} rows "
+                      "per step)", flush=True)
+                seconds, tokens_o, occ = run_job_script(ROOT.parent, corpus, work / f"ours-{mode}-{k}", model_dir, fixed)
+            else:
+                seconds, tokens_o, occ = run_ours(corpus, work / f"ours-{mode}-{k}", model_dir, fixed)
             ours.append(seconds)
             occupancy.append(occ)
             print(f"  {mode} #{k + 1}: recipe {recipe[-1]:.1f} s ({tokens_r} tokens), ours {ours[-1]:.1f} s "
@@ -221,7 +260,13 @@ def main(argv=None) -> int:
         results["modes"][mode] = {"recipe_s": recipe, "ours_s": ours, "speedup": r / o,
                                   "recipe_tokens": tokens_r, "ours_tokens": tokens_o,
                                   "mean_batch_occupancy": occupancy}
-        print(f"{mode}: recipe {r:.1f} s, ours {o:.1f} s: ours x{r / o:.2f} the recipe (goal x1.5)", flush=True)
+        line = f"{mode}: recipe {r:.1f} s, ours {o:.1f} s: ours x{r / o:.2f} the recipe (goal x1.5)"
+        if base:
+            b = statistics.median(base)
+            results["modes"][mode].update(baseline=args.baseline, baseline_s=base, baseline_occupancy=base_occupancy,
+                                          speedup_baseline=r / b, ours_vs_baseline=b / o)
+            line += f"; baseline {args.baseline} {b:.1f} s: x{r / b:.2f} the recipe, ours x{b / o:.2f} the baseline"
+        print(line, flush=True)
     results["load_average_end"] = os.getloadavg()[0]
     ray.shutdown()
     write_results(results, args.out)
