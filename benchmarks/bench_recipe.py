@@ -18,6 +18,7 @@ ratio are printed with the machine.
     python benchmarks/bench_recipe.py                    # 200 rows, 2 repeats per mode: ~8 min on 2 cores
     python benchmarks/bench_recipe.py --rows 48 --repeats 1 --modes fixed     # a quick look
     python benchmarks/bench_recipe.py --baseline 290bbbe --repeats 1   # and the job before the continuous feed
+    python benchmarks/bench_recipe.py --baseline 290bbbe --repeats 1 --rows-per-batch 50 --modes varied
 """
 
 from __future__ import annotations
@@ -168,25 +169,28 @@ def run_recipe(corpus: Path, out: Path, model_dir: Path, dtype: str, fixed: bool
     return seconds, int(sum(table.column("completion_tokens").to_pylist()))
 
 
-def run_ours(corpus: Path, out: Path, model_dir: Path, fixed: bool) -> tuple[float, int, float]:
+def run_ours(corpus: Path, out: Path, model_dir: Path, fixed: bool, rows_per_batch: int) -> tuple[float, int, float]:
     """(seconds, generated tokens, mean engine occupancy) of our job, end to end."""
     from pipelines.config import LabelConfig
     from pipelines.corpus.job import run_label_job
 
     start = time.perf_counter()
     report = run_label_job(LabelConfig(task="generate", model=str(model_dir), input=[str(corpus)], output=str(out),
-                                       max_new_tokens=MAX_NEW, min_tokens=MAX_NEW if fixed else 0))
+                                       max_new_tokens=MAX_NEW, min_tokens=MAX_NEW if fixed else 0,
+                                       rows_per_batch=rows_per_batch))
     seconds = time.perf_counter() - start
     return seconds, report["generated_tokens_this_run"], report["mean_batch_occupancy"]
 
 
-def run_job_script(code: Path, corpus: Path, out: Path, model_dir: Path, fixed: bool) -> tuple[float, int, float]:
+def run_job_script(code: Path, corpus: Path, out: Path, model_dir: Path, fixed: bool,
+                   rows_per_batch: int) -> tuple[float, int, float]:
     """As run_ours, but the job's script of the tree at `code` in its own process (joining this Ray),
     timed from its start: how a baseline revision is measured, and this tree beside it."""
     import ray
 
     args = [sys.executable, str(code / "jobs" / "label_corpus.py"), "--task", "generate", "--model", str(model_dir),
-            "--input", str(corpus), "--output", str(out), "--max-new-tokens", str(MAX_NEW)]
+            "--input", str(corpus), "--output", str(out), "--max-new-tokens", str(MAX_NEW),
+            "--rows-per-batch", str(rows_per_batch)]
     args += ["--min-tokens", str(MAX_NEW)] if fixed else []
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     start = time.perf_counter()
@@ -213,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rows-per-batch", type=int, default=256, help="our job's rows per batch (its default: 256)")
     p.add_argument("--modes", nargs="+", default=["varied", "fixed"], choices=["varied", "fixed"])
     p.add_argument("--baseline", metavar="REV", help="also run the job of git revision REV; then both jobs run as "
                    "their script in a process of their own, the recipe in this one")
@@ -235,7 +240,7 @@ def main(argv=None) -> int:
     print(init_ray(2), file=sys.stderr)
     print(f"{describe(info)}; load average {os.getloadavg()[0]:.1f}; {args.rows} rows, hidden {args.hidden} x "
           f"{args.layers} layers, vocab {args.vocab}, {dtype}, eos id {cfg.eos_token_id}", flush=True)
-    results = {"machine": info, "rows": args.rows, "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+    results = {"machine": info, "rows": args.rows, "rows_per_batch": args.rows_per_batch, "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                "dtype": dtype, "max_new_tokens": MAX_NEW, "load_average_start": os.getloadavg()[0], "modes": {}}
     for mode in args.modes:
         fixed = mode == "fixed"
@@ -244,14 +249,16 @@ def main(argv=None) -> int:
             seconds, tokens_r = run_recipe(corpus, work / f"recipe-{mode}-{k}", model_dir, dtype, fixed, cfg.eos_token_id)
             recipe.append(seconds)
             if baseline:
-                seconds, tokens_b, occ = run_job_script(baseline, corpus, work / f"base-{mode}-{k}", model_dir, fixed)
+                seconds, tokens_b, occ = run_job_script(baseline, corpus, work / f"base-{mode}-{k}", model_dir, fixed,
+                                                        args.rows_per_batch)
                 base.append(seconds)
                 base_occupancy.append(occ)
                 print(f"  {mode} #{k + 1}: baseline {args.baseline} {seconds:.1f} s ({tokens_b} tokens, {occ} rows "
                       "per step)", flush=True)
-                seconds, tokens_o, occ = run_job_script(ROOT.parent, corpus, work / f"ours-{mode}-{k}", model_dir, fixed)
+                seconds, tokens_o, occ = run_job_script(ROOT.parent, corpus, work / f"ours-{mode}-{k}", model_dir, fixed,
+                                                        args.rows_per_batch)
             else:
-                seconds, tokens_o, occ = run_ours(corpus, work / f"ours-{mode}-{k}", model_dir, fixed)
+                seconds, tokens_o, occ = run_ours(corpus, work / f"ours-{mode}-{k}", model_dir, fixed, args.rows_per_batch)
             ours.append(seconds)
             occupancy.append(occ)
             print(f"  {mode} #{k + 1}: recipe {recipe[-1]:.1f} s ({tokens_r} tokens), ours {ours[-1]:.1f} s "
