@@ -4,7 +4,7 @@
 #   make nightly - the nightly job: make nightly ARGS="--config deploy/nightly.yaml" (no ARGS: a demo)
 #   make test   - the test suite
 #   make bench  - benchmarks: the model against the reference (bloom-560m shape), the pipeline against a bare loop,
-#                 the continuous-batching engine against static batches
+#                 the continuous-batching engine against static batches, the job against the Ray Data + transformers recipe
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
