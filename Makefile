@@ -4,7 +4,7 @@
 #   make nightly - the nightly job: make nightly ARGS="--config deploy/nightly.yaml" (no ARGS: a demo)
 #   make test   - the test suite
 #   make bench  - benchmarks: the model against the reference (bloom-560m shape), the pipeline against a bare loop,
-#                 the continuous-batching engine against static batches
+#                 the continuous-batching engine against static batches, the job against the Ray Data + transformers recipe
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_serve_generate.py --baseline 52de9e6
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_recipe.py
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_prefix.py
 	$(PY) benchmarks/bench_constrained.py

@@ -99,25 +99,36 @@ class BloomReplica:
                                adapters=adapters.bank(config, self.model))
         self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
         self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
+        self._told = [0] * len(ENGINE_COUNTS)  # the engine's counters when a batch last told them (counts_since_told)
         self.fields = self.task.output_fields(self.runtime)
 
     # ------------------------------------------------------------------ batch in, batch out
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Label an Arrow batch; returns pass-through columns + the task's columns, one row per input row."""
+    def __call__(self, batch: pa.Table, engine_steps: bool = True) -> pa.Table:
+        """Label an Arrow batch; returns pass-through columns + the task's columns, one row per input row
+        (and, with an engine and engine_steps, the job's engine-steps column)."""
         rows = batch.to_pylist()
-        counts = [getattr(self.engine, attr) for _, _, attr in ENGINE_COUNTS] if self.engine is not None else []
         results = self.label_rows(rows)
         keep = [c for c in self.passthrough_columns() if c in batch.column_names]
         columns = {c: batch.column(c) for c in keep}
         for f in self.fields:
             columns[f.name] = pa.array([r.get(f.name) for r in results], type=f.type)
-        if self.engine is not None and rows:
-            # The engine steps (and prompt tokens, reused ones) this batch took, on its first row (the write step
-            # sums and drops the columns): the run report's mean batch occupancy and prefix cache hit rate.
-            for (column, _, attr), before in zip(ENGINE_COUNTS, counts):
-                columns[column] = pa.array([getattr(self.engine, attr) - before] + [0] * (len(rows) - 1), pa.int64())
+        if self.engine is not None and rows and engine_steps:
+            # The engine counters (steps, prompt tokens, reused ones) since the last batch that ended here, on
+            # its first row (the write step sums and drops the columns): the run report's mean batch occupancy
+            # and prefix cache hit rate. Batches overlap on a fed engine (pipelines.processor), so each step
+            # is told once, by the batch that ends first after it, not by every batch that was running then.
+            for (column, _, _), n in zip(ENGINE_COUNTS, self.counts_since_told()):
+                columns[column] = pa.array([n] + [0] * (len(rows) - 1), pa.int64())
         return pa.table(columns)
+
+    def counts_since_told(self) -> list[int]:
+        """How far each of the engine's ENGINE_COUNTS counters moved since the previous call (the first:
+        since it was built)."""
+        with self._engine_lock:
+            now = [getattr(self.engine, attr) for _, _, attr in ENGINE_COUNTS]
+            told, self._told = self._told, now
+            return [a - b for a, b in zip(now, told)]
 
     def passthrough_columns(self) -> list[str]:
         c = self.config

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 import threading
 import time
@@ -26,7 +25,8 @@ from ..config import LabelConfig, model_fingerprint
 from . import (ENGINE_COUNTS, CorpusPlan, check_output, list_input_files, list_parts, merge_reasons, pending,
                plan, read_row_groups, scan_output, verify, write_part)
 from ..hub import resolve_model
-from ..replica import BloomReplica, check_model
+from ..processor import cluster_pool, replica_stage
+from ..replica import check_model
 from ..tasks import TASKS
 
 logger = logging.getLogger("bloomline")
@@ -46,56 +46,6 @@ def text_columns(config: LabelConfig) -> list[str]:
 def required_columns(config: LabelConfig) -> list[str]:
     adapter = [config.adapter_column] if config.adapter_column else []
     return list(dict.fromkeys([config.id_column, *config.keep_columns, *text_columns(config), *adapter]))
-
-
-def pool_resources(config: LabelConfig, cluster: dict, node_cpus: list[float]) -> dict:
-    """Actor pool size and per-actor resources from the cluster's resources (`node_cpus`: the CPUs of
-    each alive node; an actor must fit on one node).
-
-    With GPUs: one actor per `num_gpus_per_actor` GPUs. CPU only: one CPU of the cluster stays free for
-    Ray Data's read and write tasks (a pool holding every CPU starves them and the job hangs), and the
-    rest is shared by actors of up to 8 CPUs each, the split that uses the most CPUs."""
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    gpu_each = config.num_gpus_per_actor if config.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    if gpu_each:
-        if gpus < gpu_each:
-            raise ValueError(f"each actor asks for {gpu_each} GPU(s) but the cluster has {gpus:g}")
-        size = config.num_actors or max(1, int(gpus // gpu_each))
-        cpu_each = config.num_cpus_per_actor or 1.0
-        return {"min_size": min(config.min_actors, size), "max_size": size, "num_cpus": cpu_each,
-                "num_gpus": gpu_each, "threads": max(1, math.ceil(cpu_each))}
-    reserve = 1.0 if cpus >= 2 else cpus / 2
-    caps = sorted(node_cpus or [cpus], reverse=True)
-    caps[0] -= reserve  # the free CPU is taken from the largest node
-
-    def fits(each: float) -> int:  # actors of `each` CPUs that the nodes hold
-        return sum(int(cap // each + 1e-9) for cap in caps)
-
-    if config.num_cpus_per_actor:
-        cpu_each = config.num_cpus_per_actor
-        if cpu_each > max(node_cpus or [cpus]) + 1e-9:
-            raise ValueError(f"num_cpus_per_actor={cpu_each:g} is more than any node has (largest: "
-                             f"{max(node_cpus or [cpus]):g} CPUs)")
-        size = config.num_actors or max(1, fits(cpu_each))
-    else:
-        # Candidate sizes split some node evenly; keep those that fit the wanted pool size (or, without
-        # one, use the most CPUs), preferring bigger actors (fewer model copies).
-        candidates = [cap / k for cap in caps if cap > 0 for k in range(1, 65) if cap / k <= 8]
-        if config.num_actors:
-            size = config.num_actors
-            cpu_each = max((c for c in candidates if fits(c) >= size), default=0.0)
-            if not cpu_each:
-                cpu_each = (cpus - reserve) / size
-        else:
-            cpu_each = max(candidates, key=lambda c: (round(c * fits(c), 6), c), default=cpus / 2)
-            size = max(1, fits(cpu_each))
-    if cpu_each * size > cpus - reserve + 1e-9:
-        raise ValueError(f"{size} actor(s) × {cpu_each:g} CPUs would take all {cpus:g} CPUs of the cluster, "
-                         "leaving none for reading and writing: lower num_actors or num_cpus_per_actor")
-    # On one node the actors' torch threads also use the CPU kept for reading and writing (light work).
-    threads = int(node_cpus[0] // size) if len(node_cpus) == 1 else int(cpu_each)
-    return {"min_size": min(config.min_actors, size), "max_size": size, "num_cpus": cpu_each,
-            "num_gpus": 0.0, "threads": max(1, threads)}
 
 
 def _prepare_output(config: LabelConfig, fingerprint: str, columns: dict[str, str], model_id: str,
@@ -372,26 +322,20 @@ def run_label_job(config: LabelConfig, planned: LabelPlan | None = None) -> dict
             state = scan_output(config.output)
         todo = pending(corpus.units, state)
         del state  # only the units left to label are needed from here on
-        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-        pool = pool_resources(config, ray.cluster_resources(), [c for c in node_cpus if c] or [1.0])
+        pool = cluster_pool(config)
 
     run_rows = run_tokens = generated = 0
     engine = {name: 0 for _, name, _ in ENGINE_COUNTS}  # the generation engine's counters, summed
     errors: dict[str, list] = {}
     if todo:
         import ray
-        from ray.data import ActorPoolStrategy
 
         logger.info("labeling %d units (row groups or slices) with %s", len(todo), pool)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"columns": required_columns(config), "text_columns": text_columns(config),
                                        "casts": corpus.casts})
-        ds = ds.map_batches(
-            BloomReplica, fn_constructor_kwargs={"config": config, "num_threads": pool["threads"]},
-            compute=ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
-            batch_size=config.rows_per_batch, batch_format="pyarrow", num_cpus=pool["num_cpus"],
-            num_gpus=pool["num_gpus"])  # Ray Data restarts dead actors and retries their batches by default
+        ds = replica_stage(ds, config, pool)
         ds = ds.map_batches(write_part, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"output": config.output, "id_column": config.id_column})
         with Progress(sum(u["num_rows"] - sum(b - a for a, b in json.loads(u["done"])) for u in todo)) as progress:

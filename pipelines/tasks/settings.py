@@ -166,6 +166,8 @@ _DECLARED = [
             "computed once); the output is the same either way", role="resource", tasks=GEN + CLS,
             flag="--no-prefix-cache"),
     Setting("rows_per_batch", int, 256, "rows handed to a replica at a time", role="resource", ge=1),
+    Setting("batches_in_flight", int, 4, "batches an engine replica takes at once (the next batch's rows join "
+            "its running engine while the current batch finishes)", role="resource", tasks=GEN, ge=1),
     # --- LoRA adapters (pipelines.adapters): the declared adapters' bytes enter the fingerprint ---
     Setting("adapters", list[str], [], "a PEFT LoRA adapter the run may use, NAME=PATH (a local or s3:// "
             "directory; repeatable)", role="resource", flag="--adapter"),

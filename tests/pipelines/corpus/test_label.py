@@ -20,7 +20,8 @@ import pytest
 import bloom
 from bloom.tiny import make_tiny_checkpoint
 from pipelines.config import LabelConfig
-from pipelines.corpus.job import JobFailed, pool_resources, run_label_job
+from pipelines.corpus.job import JobFailed, run_label_job
+from pipelines.processor import pool_resources
 from pipelines.replica import BloomReplica, output_fields
 from pipelines.tasks import TASKS
 from tests.pipelines.conftest import corpus_rows, replica_actor_pids, write_corpus
