@@ -285,7 +285,8 @@ class BloomEndpoint:
         c, prepared, groups = self._submit(rows, params, field, listed)
         seqs = [seq for (seq,) in groups]
         await self._wait(seqs)
-        return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids))}
+        return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids),
+                                                          seq)}
                 for ((_, ids), result), seq in zip(prepared, seqs)]
 
     def _observe(self, seq) -> None:
