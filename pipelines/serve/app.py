@@ -42,7 +42,7 @@ from ..tasks.settings import SettingError, openai_names
 from .chat import ChatTemplateError, checkpoint_chat_template, compile_template, render_chat
 from .errors import ApiError, error_answer
 from .openai import (NO_OP, ChatRequest, CompletionRequest, SamplingRequest, best_choices, choice_pieces,
-                     join_logprobs, make_choice, token_prompt, usage_of)
+                     constraint_settings, join_logprobs, make_choice, token_prompt, usage_of)
 
 logger = logging.getLogger("bloomline.serve")
 # Our @serve.batch's max_batch_size counts tokens (batch_size_fn), not requests, so Serve's warning that it
@@ -432,7 +432,7 @@ class BloomEndpoint:
         # The declared settings by their OpenAI names, checked with the task's own (once, in _validate).
         alias = {name: used for used, name in openai_names().items()} | {"max_new_tokens": max_tokens_name}
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
-        params = {name: getattr(req, used) for used, name in openai_names().items()}
+        params = {name: getattr(req, used) for used, name in openai_names().items()} | constraint_settings(req)
         params = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
                                                     "do_sample": req.temperature > 0,
                                                     "temperature": req.temperature if req.temperature > 0 else None},
