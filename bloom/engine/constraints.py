@@ -199,7 +199,7 @@ class Constrainer:
 
     def prefetch(self, seqs: list["Sequence"]) -> None:
         """Start computing the next masks of the constrained, unfinished `seqs` on the worker thread, so
-        they are ready when `forbidden` asks for them after the next forward."""
+        they are ready when `allowed` asks for them after the next forward."""
         self._join()
         live = [s for s in seqs if s.sampling.matcher is not None and not s.finished]
         if live:

@@ -82,7 +82,7 @@ def constrained(logits: torch.Tensor, index: list[int], allowed: torch.Tensor, c
     bitmasks `allowed` (K, ceil(V / 32)) int32 (bit j of word w: token 32w + j allowed; llguidance's);
     on a copy when `copy`. The bits are never unpacked to a (K, V) bool mask: each byte picks its row of
     a (256, 8) table of 0 / -inf (one gather of 32-byte rows), added to the logits; at 250,880 tokens and
-    16 rows about a third of the time of unpacking and masked_fill (docs/engine.md). Adding 0 keeps an
+    16 rows less than half the time of unpacking and masked_fill (docs/engine.md). Adding 0 keeps an
     allowed logit exact, so greedy choices are those of a masked_fill."""
     K, V = allowed.shape[0], logits.shape[-1]
     # Little-endian words: byte b of word w holds tokens 32w + 8b .. 32w + 8b + 7.

@@ -182,8 +182,8 @@ class Generate(Prompted):
         if given and c.min_tokens:  # min_tokens holds eos back where the constraint may allow nothing else
             raise settings.SettingError(f"min_tokens cannot go with {given[0]}: the constraint decides where the "
                                         "output ends", "min_tokens")
-        constraint = constraint_of(c)
         try:  # compiled now (without the tokenizer, about a millisecond): refused before any work
+            constraint = constraint_of(c)
             constraint and constraint.check()
         except ValueError as e:
             raise settings.SettingError(f"{given[0]}: {e}", given[0]) from None

@@ -62,6 +62,7 @@ def test_a_structure_cut_by_max_new_tokens_is_an_error_with_reason_length(replic
     ({"json_schema": {"type": "objekt"}}, "json_schema: cannot compile the json_schema constraint .*objekt"),
     ({"regex": "a(b"}, "regex: cannot compile the regex constraint 'a\\(b'.*unclosed group"),
     ({"grammar": "start: foo"}, "grammar: cannot compile .*unknown name"),
+    ({"regex": ""}, "regex: a regex constraint needs a non-empty pattern"),
     ({"regex": "a+", "choice": ["a"]}, "regex and choice cannot go together"),
     ({"json_object": True, "constraint_column": "c"}, "json_object and constraint_column cannot go together"),
     ({"regex": "a+", "min_tokens": 2}, "min_tokens cannot go with regex"),
