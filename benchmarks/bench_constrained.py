@@ -2,8 +2,8 @@
 
 Two figures:
   1. the mask cost per decode step: llguidance computing the next allowed tokens of 16 sequences (a JSON
-     Schema, a regex) into (16, V) bool masks, walking valid outputs token by token; and the sampler
-     applying them (a copy of the logits, -inf outside);
+     Schema, a regex) into packed bitmasks, walking valid outputs token by token; and the sampler
+     applying them (a copy of the logits, -inf outside), against unpacking them to bool and masked_fill;
   2. tokens/s of the engine generating 16 constrained sequences against 16 free ones of the same
      lengths (each free sequence gets its constrained twin's length as max_new_tokens, no eos), runs
      interleaved, medians. The goal is constrained >= 0.9x free.
@@ -13,6 +13,7 @@ the model pads to 250,880) built programmatically: every byte, then words of sev
 merge at a time. The model is random (real vocabulary, a smaller body: --hidden, --layers).
 
     python benchmarks/bench_constrained.py                      # hidden 512 x 4 layers, ~3 min on 2 cores
+    python benchmarks/bench_constrained.py --only mask          # the mask cost alone, about a minute
     python benchmarks/bench_constrained.py --hidden 1024 --layers 24   # bloom-560m's shape
     python benchmarks/bench_constrained.py --libraries --out /tmp/libraries.json   # the library choice
                                             # (pip install xgrammar outlines-core beside llguidance first)
@@ -95,9 +96,21 @@ def valid_outputs(kind: str, n: int) -> list[str]:
             for i in range(n)]
 
 
+def unpacked_fill(logits: torch.Tensor, index: list[int], allowed: torch.Tensor) -> torch.Tensor:
+    """The way the sampler applied masks before (for comparison): the packed bits unpacked to a (K, V)
+    bool mask by a per-byte table lookup, then masked_fill on a copy of the logits."""
+    K, V = allowed.shape[0], logits.shape[-1]
+    zero_bits = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1 == 0).to(torch.uint8)
+    forbidden = torch.nn.functional.embedding(allowed.view(torch.uint8).int(), zero_bits).view(K, -1)[:, :V].bool()
+    out = logits.clone()
+    out[index] = out[index].masked_fill_(forbidden, float("-inf"))
+    return out
+
+
 def mask_cost(tokenizer, kind: str) -> dict:
-    """Per decode step of 16 sequences walking valid outputs: seconds to compute their masks (llguidance
-    + unpacking to bool) and to apply them to (16, V) logits as the sampler does."""
+    """Per decode step of 16 sequences walking valid outputs: seconds for llguidance to compute their
+    packed masks, and to apply them to (16, V) logits as the sampler does (on a copy), interleaved with
+    the earlier way (`unpacked_fill`) on the same masks, so that both see the same load."""
     constrainer = Constrainer(tokenizer, VOCAB, 2)
     start = time.perf_counter()
     first = constrainer.matcher(SPECS[kind])
@@ -105,21 +118,27 @@ def mask_cost(tokenizer, kind: str) -> dict:
     matchers = [first] + [constrainer.matcher(SPECS[kind]) for _ in range(BATCH - 1)]
     walks = [tokenizer.encode(text) + [2] for text in valid_outputs(kind, BATCH)]
     logits = torch.randn(BATCH, VOCAB)
-    compute, apply = [], []
+    compute, apply, unpacked = [], [], []
     for k in range(max(map(len, walks))):
         live = [i for i in range(BATCH) if k < len(walks[i])]
         start = time.perf_counter()
-        forbidden = constrainer._compute([matchers[i] for i in live])
+        allowed = constrainer._compute([matchers[i] for i in live])
         compute.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        sampler.constrained(logits, live, forbidden, copy=True)
-        apply.append(time.perf_counter() - start)
+        ways = [(apply, lambda: sampler.constrained(logits, live, allowed, copy=True)),
+                (unpacked, lambda: unpacked_fill(logits, live, allowed))]
+        for times, fn in ways if k % 2 else ways[::-1]:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
         for i in live:
             assert matchers[i].consume_token(walks[i][k]), (kind, matchers[i].get_error())
     constrainer.close()
     return {"compile_ms": compile_s * 1e3, "steps": len(compute),
             "compute_ms_mean": statistics.mean(compute) * 1e3, "compute_ms_median": statistics.median(compute) * 1e3,
-            "compute_ms_max": max(compute) * 1e3, "apply_ms_mean": statistics.mean(apply) * 1e3}
+            "compute_ms_max": max(compute) * 1e3, "apply_ms_mean": statistics.mean(apply) * 1e3,
+            "apply_ms_median": statistics.median(apply) * 1e3,
+            "unpacked_fill_ms_mean": statistics.mean(unpacked) * 1e3,
+            "unpacked_fill_ms_median": statistics.median(unpacked) * 1e3}
 
 
 def walk(start, fill, advance, kind: str, tokenizer) -> list[float]:
@@ -223,12 +242,15 @@ def run(args) -> dict:
     if args.libraries:
         results["libraries"] = candidates(tokenizer)
         return results
-    results["mask"] = {kind: mask_cost(tokenizer, kind) for kind in SPECS}
+    if args.only != "generation":
+        results["mask"] = {kind: mask_cost(tokenizer, kind) for kind in args.kinds}
+    if args.only == "mask":
+        return results
     cfg = BloomConfig(vocab_size=VOCAB, hidden_size=args.hidden, n_layer=args.layers, n_head=16,
                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = randomise_(bloom.BloomForCausalLM(cfg).eval(), std=0.05)
     results["generation"] = {kind: throughput(model, tokenizer, kind, args.max_new_tokens, args.repeats)
-                             for kind in SPECS}
+                             for kind in args.kinds}
     return results
 
 
@@ -243,12 +265,15 @@ def show(results: dict) -> None:
                            f"mean ({r[kind]['mask_ms_median']:.2f} median)") for kind in SPECS))
     for kind, r in results.get("mask", {}).items():
         print(f"  mask {kind:11s}: compile {r['compile_ms']:.1f} ms; per step of 16: compute {r['compute_ms_mean']:.2f} ms "
-              f"mean ({r['compute_ms_median']:.2f} median, {r['compute_ms_max']:.1f} max), apply {r['apply_ms_mean']:.2f} ms")
+              f"mean ({r['compute_ms_median']:.2f} median, {r['compute_ms_max']:.1f} max), apply {r['apply_ms_mean']:.2f} ms "
+              f"mean ({r['apply_ms_median']:.2f} median) against unpacking + masked_fill "
+              f"{r['unpacked_fill_ms_mean']:.2f} ms ({r['unpacked_fill_ms_median']:.2f})")
     for kind, r in results.get("generation", {}).items():
-        share = (results["mask"][kind]["compute_ms_mean"] + results["mask"][kind]["apply_ms_mean"]) / r["free_step_ms"]
+        mask = results.get("mask", {}).get(kind)
+        share = (mask["compute_ms_mean"] + mask["apply_ms_mean"]) / r["free_step_ms"] if mask else None
         print(f"  generate {kind:11s}: {r['tokens']} tokens; constrained {r['tok_s']['constrained']:.1f} tok/s, free "
-              f"{r['tok_s']['free']:.1f} tok/s: {r['ratio']:.2f}x; a free step {r['free_step_ms']:.0f} ms, "
-              f"mask if not overlapped {100 * share:.1f}% of it")
+              f"{r['tok_s']['free']:.1f} tok/s: {r['ratio']:.2f}x; a free step {r['free_step_ms']:.0f} ms"
+              + (f", mask if not overlapped {100 * share:.1f}% of it" if share is not None else ""))
 
 
 def add_arguments(p) -> None:
@@ -256,6 +281,9 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", choices=("mask", "generation"), help="mask: only the mask cost (about a minute); "
+                   "generation: only the tokens/s")
+    p.add_argument("--kinds", nargs="+", choices=tuple(SPECS), default=list(SPECS), help="the constraints to measure")
     p.add_argument("--libraries", action="store_true", help="only compare the candidate libraries installed "
                    "(llguidance, xgrammar, outlines-core) on the same walks; results to --out")
 

@@ -3,7 +3,8 @@
 A `Constraint` is the spec (in `GenerationParams.constraint`). The engine's `Constrainer` compiles each
 distinct spec once (llguidance, against the engine's tokenizer at the model's vocabulary size), gives
 every constrained sequence its own matcher (a copy of the compiled one), and computes the tokens each
-may not take next as a (K, V) bool mask that the sampler applies (-inf there) before the choice.
+may take next as llguidance's packed bitmask (32 tokens an int32 word), which the sampler applies to
+the logits (-inf outside) before the choice.
 
 Why llguidance: measured at BLOOM's 250,880 tokens (docs/engine.md) it computes a batch of 16 masks in
 about 1-2 ms for a JSON Schema and a regex alike, compiles a schema in about a millisecond (the offline
@@ -13,6 +14,7 @@ the next step's masks are computed on a worker thread while the model runs (`pre
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -119,10 +121,30 @@ class Constraint:
             return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_FORMAT)
         return LLMatcher.grammar_from_lark(self.spec)
 
+    def check(self) -> "Constraint":
+        """This constraint, if llguidance can compile it (checked without a tokenizer, about a millisecond,
+        each distinct spec once); else ValueError naming it and what is wrong."""
+        problem = _problem(self)
+        if problem:
+            raise ValueError(f"cannot compile the {self.describe()}: {problem}")
+        return self
+
     def describe(self) -> str:
         """The spec in a line, for error messages."""
         text = self.spec if len(self.spec) <= 120 else self.spec[:117] + "..."
         return f"{self.kind} constraint {text!r}" if text else f"{self.kind} constraint"
+
+
+@functools.lru_cache(maxsize=256)
+def _problem(constraint: Constraint) -> str:
+    """What stops `constraint` compiling ("" when nothing does)."""
+    from llguidance import LLMatcher
+
+    try:
+        problem = LLMatcher.validate_grammar(constraint.grammar_text())
+    except (ValueError, TypeError) as exc:
+        problem = str(exc)
+    return " ".join(problem.split())  # one line: an HTTP answer or a row's error holds it
 
 
 class Constrainer:
@@ -146,13 +168,9 @@ class Constrainer:
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        # One torch thread for the worker's unpacking (a thread's own OpenMP setting): the forward it
-        # overlaps keeps the cores.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-masks",
-                                          initializer=torch.set_num_threads, initargs=(1,))
+        # The worker only waits on llguidance (GIL released); the masks stay packed until the sampler.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloom-masks")
         self._pending: tuple[Future, dict[int, int]] | None = None  # (masks, sequence id → row)
-        # Byte → its 8 bits, 1 where the token is NOT allowed (bit clear), least significant bit first.
-        self._zero_bits = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1 == 0).to(torch.uint8)
 
     def matcher(self, constraint: Constraint):
         """A fresh matcher for `constraint` (its own state; the compiled grammar is shared and kept).
@@ -181,18 +199,17 @@ class Constrainer:
 
     def prefetch(self, seqs: list["Sequence"]) -> None:
         """Start computing the next masks of the constrained, unfinished `seqs` on the worker thread, so
-        they are ready when `forbidden` asks for them after the next forward."""
+        they are ready when `allowed` asks for them after the next forward."""
         self._join()
         live = [s for s in seqs if s.sampling.matcher is not None and not s.finished]
         if live:
             self._pending = (self._worker.submit(self._compute, [s.sampling.matcher for s in live]),
                              {s.id: i for i, s in enumerate(live)})
 
-    def forbidden(self, rows: list["Sequence"]) -> tuple[list[int], torch.Tensor] | None:
-        """(the indices of the constrained rows, their (K, V) bool masks of the tokens they may not take
-        next), or None when
-        no row is constrained. Uses the prefetched masks, computing here the ones not prefetched (a
-        sequence that has just finished its prompt)."""
+    def allowed(self, rows: list["Sequence"]) -> tuple[list[int], torch.Tensor] | None:
+        """(the indices of the constrained rows, their packed masks of the tokens they may take next: (K,
+        ceil(V / 32)) int32, see `_compute`), or None when no row is constrained. Uses the prefetched
+        masks, computing here the ones not prefetched (a sequence that has just finished its prompt)."""
         index = [i for i, s in enumerate(rows) if s.sampling.matcher is not None]
         pending, ready = self._join()
         if not index:
@@ -215,15 +232,15 @@ class Constrainer:
         return future.result(), ready
 
     def _compute(self, matchers: list) -> torch.Tensor:
-        """Each matcher's next forbidden tokens → (K, V) bool. llguidance fills K packed bitmasks (bit j of
-        int32 word w: token 32w + j allowed) on its own threads, GIL released; unpacking is one table
-        lookup per byte (little-endian: byte b of word w holds tokens 32w + 8b ..), GIL released too."""
+        """Each matcher's next allowed tokens as llguidance packs them: (K, ceil(V / 32)) int32, bit j of
+        word w set when token 32w + j is allowed; filled on llguidance's own threads, GIL released. Kept
+        packed: the sampler applies the bits to the logits without a (K, V) bool mask
+        (`sampler.constrained`)."""
         K, words = len(matchers), (self.vocab_size + 31) // 32
         bitmask = torch.empty(K, words, dtype=torch.int32)
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                words * 4, K)
-        unpacked = torch.nn.functional.embedding(bitmask.view(torch.uint8).int(), self._zero_bits)  # (K, 4·words, 8)
-        return unpacked.view(K, -1)[:, : self.vocab_size].bool()
+        return bitmask
 
     def close(self) -> None:
         self._join()

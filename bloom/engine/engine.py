@@ -355,8 +355,8 @@ class Engine:
             rows, logits = [rows[i] for i in keep], logits[keep]
             if not rows:
                 return ended
-        forbidden = self._constrainer.forbidden(rows) if self._constrainer is not None else None
-        tokens = sampler.sample(rows, logits, forbidden)
+        allowed = self._constrainer.allowed(rows) if self._constrainer is not None else None
+        tokens = sampler.sample(rows, logits, allowed)
         for s, lp in zip(rows, sampler.logprobs(rows, logits, tokens)):
             if lp is not None:  # recorded before the token is emitted
                 s.logprobs.append(lp)

@@ -44,7 +44,8 @@ from ..tasks.settings import SettingError, openai_names
 from .chat import ChatTemplateError, checkpoint_chat_template, compile_template, render_chat
 from .errors import ApiError, error_answer
 from .openai import (NO_OP, ChatRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, best_choices,
-                     choice_pieces, embedding_item, join_logprobs, make_choice, token_prompt, usage_of)
+                     choice_pieces, constraint_settings, embedding_item, join_logprobs, make_choice, token_prompt,
+                     usage_of)
 
 logger = logging.getLogger("bloomline.serve")
 ADAPTERS_REPORTED = 16  # adapters a replica reports holding to Serve's router (see _loaded_adapter)
@@ -289,7 +290,8 @@ class BloomEndpoint:
         c, prepared, groups = self._submit(rows, params, field, listed)
         seqs = [seq for (seq,) in groups]
         await self._wait(seqs)
-        return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids))}
+        return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids),
+                                                          seq)}
                 for ((_, ids), result), seq in zip(prepared, seqs)]
 
     def _observe(self, seq) -> None:
@@ -465,7 +467,7 @@ class BloomEndpoint:
         # The declared settings by their OpenAI names, checked with the task's own (once, in _validate).
         alias = {name: used for used, name in openai_names().items()} | {"max_new_tokens": max_tokens_name}
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
-        params = {name: getattr(req, used) for used, name in openai_names().items()}
+        params = {name: getattr(req, used) for used, name in openai_names().items()} | constraint_settings(req)
         adapter = (req.model or "").partition(":")[2] or None  # model "generate:<adapter>"
         params = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
                                                     "do_sample": req.temperature > 0,

@@ -7,11 +7,14 @@ embeddings, usage).
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any, Literal, Union
 
 import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bloom.engine import Constraint
 
 from ..tasks import TokenTexts
 from ..tasks.settings import openai_model
@@ -36,6 +39,35 @@ class StreamOptions(_OpenAIRequest):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_OpenAIRequest):
+    """OpenAI's response_format.json_schema: the schema (under "schema") and what only names it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # the output always follows the schema: strict or not
+
+
+class ResponseFormat(_OpenAIRequest):
+    """OpenAI's response_format: "text" (free), "json_object" (any JSON object) or "json_schema"."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_OpenAIRequest):
+    """vLLM's structured_outputs, its fields that say what the output must be (one of them): json (a JSON
+    Schema, or its text), regex, choice, grammar (Lark, llguidance's dialect), json_object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: Union[dict[str, Any], str, None] = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(_OpenAIRequest):
     """What completions and chat completions share: the model, how to sample, how many choices, how to
     stream; and (added by `openai_model`) every setting declared with an OpenAI name (max_tokens, top_p,
@@ -50,6 +82,8 @@ class _Sampling(_OpenAIRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 SamplingRequest = openai_model(_Sampling)
@@ -109,6 +143,39 @@ NO_OP = {"suffix": ""}
 
 
 # ----------------------------------------------------------------------------- settings
+
+
+def constraint_settings(req: "_Sampling") -> dict:
+    """The generate task's constraint setting that a request's response_format or structured_outputs gives
+    ({} for none, or "text"), compiled now (about a millisecond): 400 naming the field for a spec that
+    cannot compile, or for more than one constraint."""
+    given = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise ApiError(400, "response_format: type json_schema needs a json_schema object {name, schema}",
+                           "response_format")
+        given.append(("response_format", "json_schema", fmt.json_schema.schema_))
+    elif fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", "json_object", True))
+    so = req.structured_outputs
+    if so is not None:
+        names = {"json_": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                 "json_object": "json_object"}
+        given += [("structured_outputs", setting, getattr(so, field)) for field, setting in names.items()
+                  if getattr(so, field) not in (None, False)]
+    if len(given) > 1:
+        fields = ", ".join(f"{where}.{'json' if name == 'json_schema' and where != 'response_format' else name}"
+                           for where, name, _ in given)
+        raise ApiError(400, f"one constraint at a time: the output cannot follow {fields} together", given[1][0])
+    if not given:
+        return {}
+    ((where, name, value),) = given
+    try:
+        constraint = Constraint.of({name: value}).check()
+    except ValueError as e:
+        raise ApiError(400, f"{where}: {e}", where) from None
+    return {name: json.loads(constraint.spec) if name == "json_schema" else value}  # a schema's text as its object
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 import logging
 import zlib
 
 import pyarrow as pa
 
 import bloom
-from bloom.engine import Engine, GenerationParams, fit_cache_tokens
+from bloom.engine import Constraint, Engine, GenerationParams, fit_cache_tokens
+
+from dataclasses import dataclass
 
 from . import settings
 from .base import Prompted, encode_capped
@@ -90,16 +93,63 @@ class TokenTexts:
         return bisect.bisect_left(self.offsets, self.start + end)
 
 
+# The settings that constrain every row's output, each a kind of `bloom.engine.Constraint` (at most one is set).
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+JSON_KINDS = ("json_schema", "json_object")
+
+
+def constraint_of(c) -> Constraint | None:
+    """The constraint the settings `c` put on every row's output (None: free text, or per row from
+    c.constraint_column). Not compiled here (`Generate.check_settings` checks it once)."""
+    for name in CONSTRAINTS:
+        value = getattr(c, name)
+        if value not in (None, False, []):
+            return Constraint.of({name: value})
+    return None
+
+
+@dataclass(frozen=True)
+class RowConstrained:
+    """A row's prompt with the constraint of its c.constraint_column cell, or the problem with that cell
+    (the row's error)."""
+
+    prompt: object  # a text or a Templated
+    constraint: Constraint | None
+    problem: str | None = None
+
+
+def row_constraint(prompt, value, column: str) -> RowConstrained:
+    """A constraint cell (JSON text of a one-key object {"json_schema": {...}}, {"regex": "..."}, {"choice":
+    [...]}, {"grammar": "..."}, {"json_object": true}; or that object) checked, with its row's prompt."""
+    try:
+        spec = json.loads(value) if isinstance(value, str) else value
+    except ValueError as e:
+        return RowConstrained(prompt, None, f"{column} is not JSON: {e}")
+    try:
+        return RowConstrained(prompt, Constraint.of(spec).check())
+    except ValueError as e:
+        return RowConstrained(prompt, None, f"{column}: {' '.join(str(e).split())}")
+
+
 class Generate(Prompted):
     name = "generate"
     runs_on_engine = True
-    fields = [("generated_text", pa.string()), ("finish_reason", pa.string()),
+    fields = [("generated_text", pa.string()), ("parsed", pa.string()), ("finish_reason", pa.string()),
               ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())]
     settings = ("text_column", "prompt_template")
     SAMPLING = ("temperature", "top_k", "top_p", "seed")  # used only when do_sample
 
     def model_class(self, c):
         return bloom.BloomForCausalLM
+
+    def input_columns(self, c):
+        return super().input_columns(c) + ([c.constraint_column] if c.constraint_column else [])
+
+    def row_input(self, row, c, text):
+        prompt = super().row_input(row, c, text)
+        if c.constraint_column and row.get(c.constraint_column) is not None:
+            return row_constraint(prompt, row[c.constraint_column], c.constraint_column)
+        return prompt
 
     def content_settings(self, c):
         # Greedy decoding reads no sampling setting: leaving them out lets a greedy rerun differ in them.
@@ -111,18 +161,32 @@ class Generate(Prompted):
         # A row's seed depends on its prompt only, so sampling does not depend on how rows are batched.
         return zlib.crc32(f"{c.seed}\x00{str(prompt)}".encode())
 
-    def generation_params(self, c, prompt) -> GenerationParams:
+    def generation_params(self, c, prompt, constraint: Constraint | None = None) -> GenerationParams:
         """One row's settings for the engine: every setting declared with an engine name, as the engine
-        takes it (the seed derived from the prompt, see `seed`)."""
+        takes it (the seed derived from the prompt, see `seed`), and its constraint (`constraint`, a
+        row's own, else the one of `c`)."""
         values = {s.engine: getattr(c, name) for name, s in settings.SETTINGS.items() if s.engine}
         return GenerationParams(**{**values, "seed": self.seed(c, prompt), "stop_strings": tuple(c.stop),
-                                   "logit_bias": {int(t): float(b) for t, b in c.logit_bias.items()} or None})
+                                   "logit_bias": {int(t): float(b) for t, b in c.logit_bias.items()} or None,
+                                   "constraint": constraint or constraint_of(c)})
 
     def check_settings(self, c) -> None:
         if c.min_tokens > c.max_new_tokens:
             raise settings.SettingError(f"min_tokens {c.min_tokens} is over max_new_tokens ({c.max_new_tokens})",
                                         "min_tokens")
         check_cache_tokens(c.cache_tokens, c.max_input_tokens + c.max_new_tokens)
+        given = [n for n in (*CONSTRAINTS, "constraint_column") if getattr(c, n) not in (None, False, [])]
+        if len(given) > 1:
+            raise settings.SettingError(f"{given[0]} and {given[1]} cannot go together: the output follows one "
+                                        "constraint", given[1])
+        if given and c.min_tokens:  # min_tokens holds eos back where the constraint may allow nothing else
+            raise settings.SettingError(f"min_tokens cannot go with {given[0]}: the constraint decides where the "
+                                        "output ends", "min_tokens")
+        try:  # compiled now (without the tokenizer, about a millisecond): refused before any work
+            constraint = constraint_of(c)
+            constraint and constraint.check()
+        except ValueError as e:
+            raise settings.SettingError(f"{given[0]}: {e}", given[0]) from None
 
     def prepare(self, rt, c, cap=None):
         """The runtime's engine: every row or request of the rt joins its running batch. A slot holds
@@ -139,6 +203,12 @@ class Generate(Prompted):
 
     def label(self, rt, prompts, results, c, adapters=None):
         """Every row is a sequence of the runtime's engine: a finished row's room goes to the next at once."""
+        own = {i: p for i, p in prompts.items() if isinstance(p, RowConstrained)}  # c.constraint_column's
+        for i, row in own.items():  # a bad cell is its row's error, nothing else's
+            if row.problem:
+                results[i].update(error=row.problem, error_code="invalid_constraint")
+        prompts = {i: own[i].prompt if i in own else p for i, p in prompts.items()
+                   if i not in own or not own[i].problem}
         encoded = encode_capped(rt, prompts, results, c)
         room = rt.engine.cache.max_seq_len
         for i in [i for i in encoded if len(encoded[i]) + c.max_new_tokens > room]:
@@ -146,19 +216,36 @@ class Generate(Prompted):
                                     f"the {room} tokens a sequence may hold", error_code="too_long")
             del encoded[i]
         idx = list(encoded)
-        params = [self.generation_params(c, prompts[i]) for i in idx]
+        params = [self.generation_params(c, prompts[i], own[i].constraint if i in own else None) for i in idx]
         if adapters is not None:  # each row's own adapter (the replica resolved c.adapter into it)
             params = [dataclasses.replace(p, adapter=adapters.get(i)) for p, i in zip(params, idx)]
         seqs = rt.engine.generate([encoded[i] for i in idx], params)
         for i, seq in zip(idx, seqs):
-            results[i].update(self.result(rt, c, seq.output_ids, seq.finish_reason, len(encoded[i])))
+            results[i].update(self.result(rt, c, seq.output_ids, seq.finish_reason, len(encoded[i]), seq))
 
-    def result(self, rt, c, tokens: list[int], reason: str, prompt_tokens: int) -> dict:
+    def result(self, rt, c, tokens: list[int], reason: str, prompt_tokens: int, seq=None) -> dict:
+        """A finished sequence's fields. seq (its engine Sequence) tells a constrained one: ended before its
+        structure closed, it gets error "incomplete structure" with error_code its finish reason
+        (`length`, or `stop` for a stop string); a complete JSON one gets its text in `parsed` too."""
         text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
-        if reason == "stop":  # like OpenAI's API: the text ends before the stop string
+        if reason == "stop" and any(s in text for s in c.stop):  # like OpenAI's API: the text ends before it
             text = text[: min(text.find(s) for s in c.stop if s in text)]
-        return {"generated_text": text, "finish_reason": reason, "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(tokens)}
+        out = {"generated_text": text, "parsed": None, "finish_reason": reason, "prompt_tokens": prompt_tokens,
+               "completion_tokens": len(tokens)}
+        constraint = seq.params.constraint if seq is not None else None
+        if constraint is None:
+            return out
+        if seq.incomplete:
+            ended = "max_new_tokens" if reason == "length" else f"finish reason {reason!r}"
+            return {**out, "error": f"incomplete structure: {ended} ended the output before its {constraint.kind} "
+                                    "closed", "error_code": reason}
+        if constraint.kind in JSON_KINDS:
+            try:
+                json.loads(text)
+            except ValueError as e:  # the grammar admits only JSON: a cut by a stop string, say
+                return {**out, "error": f"the output is not JSON: {e}", "error_code": "invalid_output"}
+            out["parsed"] = text
+        return out
 
     def submit(self, rt, prompt, ids: list[int], c, n: int = 1, **request) -> list:
         """One prompt as n sequences of the runtime's engine (running on its background thread), sharing
@@ -189,7 +276,7 @@ class Generate(Prompted):
                     sent, told = safe, begun
         out.close()
         reason = seq.finish_reason or "length"
-        result = self.result(rt, c, out.ids, reason, len(seq.prompt_ids))
+        result = self.result(rt, c, out.ids, reason, len(seq.prompt_ids), seq)
         # Tokens past a stop string are not part of the text: their logprobs go with them.
         end = out.begun(len(result["generated_text"])) if reason == "stop" else len(out.ids)
         yield result["generated_text"][sent:], result, self.logprobs(rt, seq.logprobs, out, told, end)

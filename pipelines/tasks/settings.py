@@ -37,7 +37,8 @@ class Setting:
     ge/gt/le: numeric bounds; choices: the allowed values; flag: the command-line flag ("" for none;
     default --name-with-dashes); openai: its name in OpenAI's requests; engine: its name in
     `bloom.engine.GenerationParams`; off: a value at which it stays out of the fingerprint (a setting
-    added after runs were written, so that those runs still resume)."""
+    added after runs were written, so that those runs still resume); file: the flag names a file whose
+    text (JSON, for a mapping) is the value."""
 
     name: str
     type: Any
@@ -53,6 +54,7 @@ class Setting:
     openai: str | None = None
     engine: str | None = None
     off: Any = UNSET
+    file: bool = False
 
     def reads(self, task: str) -> bool:
         return self.tasks is None or task in self.tasks
@@ -110,6 +112,19 @@ _DECLARED = [
             ge=0, openai="min_tokens", engine="min_tokens", off=0),
     Setting("logit_bias", LogitBias, {}, "a JSON object of token id to a bias in [-100, 100] added to its logit, "
             "e.g. '{\"50256\": -100}'", "request", GEN, engine="logit_bias", off={}),
+    # --- generate: constrained output (at most one; checked at start, see docs/labeling.md) ---
+    Setting("json_schema", Optional[dict[str, Any]], None, "the output is JSON valid against this JSON Schema "
+            "(the flag names a file holding it)", "request", GEN, off=None, file=True),
+    Setting("json_object", bool, False, "the output is a JSON object", "request", GEN, off=False),
+    Setting("regex", Optional[str], None, "the whole output matches this regular expression (Rust syntax)",
+            "request", GEN, off=None),
+    Setting("choice", list[Annotated[str, Field(min_length=1)]], [], "the output is one of these strings "
+            "(repeatable)", "request", GEN, off=[]),
+    Setting("grammar", Optional[str], None, "the output follows this Lark grammar, start rule `start` (the flag "
+            "names a file holding it)", "request", GEN, off=None, file=True),
+    Setting("constraint_column", Optional[str], None, "a column of per-row constraints as JSON text, e.g. "
+            "{\"json_schema\": {...}}, {\"regex\": \"...\"}, {\"choice\": [...]} (null: free text)", tasks=GEN,
+            off=None),
     # --- classify ---
     Setting("candidate_labels", list[str], [], "a candidate label for zero-shot with a causal LM (repeatable)",
             "request", CLS, flag="--candidate-label"),
@@ -290,6 +305,25 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _file(mapping: bool):
+    """A flag's file → its text, or the JSON object it holds (mapping); argparse reports a problem."""
+
+    def read(path: str):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+        if not mapping:
+            return text
+        try:
+            return _json_object(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{path}: {e}") from None
+
+    return read
+
+
 def _scalar(kind):
     """int for Optional[int], and so on."""
     args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
@@ -310,6 +344,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             text = f"{text} (one of: {', '.join(s.choices)})"
         if origin is list:
             parser.add_argument(flag, dest=name, action="append", default=None, help=text)
+        elif s.file:
+            parser.add_argument(flag, dest=name, type=_file(getattr(_scalar(s.type), "__origin__", None) is dict),
+                                metavar="FILE", default=None, help=text)
         elif origin is dict:
             parser.add_argument(flag, dest=name, type=_json_object, default=None, help=text)
         elif s.type is bool:  # the flag says the other value than the default (--sample, --no-prefix-cache)

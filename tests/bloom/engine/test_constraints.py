@@ -8,6 +8,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 import bloom
 from bloom import Engine, GenerationParams
@@ -140,3 +141,23 @@ def test_each_distinct_spec_is_compiled_once(engine, tokenizer):
     engine.generate(prompts, [GenerationParams(constraint={"json": SCHEMA})] * len(prompts))  # same spec, as a dict
     assert engine._constrainer._compiled.keys() == compiled.keys()
     assert all(engine._constrainer._compiled[k] is v for k, v in compiled.items())
+
+
+@pytest.mark.parametrize("B, rows, V", [(3, [0, 1, 2], 250_880), (4, [1, 3], 100)],
+                         ids=["all-rows", "some-rows-odd-vocab"])
+def test_packed_masks_apply_as_a_masked_fill_would(B, rows, V):
+    """The sampler applies llguidance's packed bits (32 tokens a word) to the logits without unpacking
+    them: the same -inf tokens and the same, exact, allowed logits as a masked_fill of the unpacked mask."""
+    from bloom.engine import sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, V, generator=g)
+    words = torch.randint(-2**31, 2**31 - 1, (len(rows), (V + 31) // 32), dtype=torch.int32, generator=g)
+    words[:, ::5] = 0  # whole words forbidden
+    bits = torch.tensor([[(int(w) >> j) & 1 for w in row for j in range(32)][:V] for row in words.tolist()]).bool()
+    want = logits.clone()
+    want[rows] = want[rows].masked_fill(~bits, float("-inf"))
+    before = logits.clone()
+    assert torch.equal(sampler.constrained(logits, rows, words, copy=True), want)
+    assert torch.equal(logits, before)  # a copy
+    assert torch.equal(sampler.constrained(logits, rows, words, copy=False), want)

@@ -60,7 +60,8 @@ def test_the_engines_parameters_come_from_the_declarations():
     declared = {s.engine for s in SETTINGS.values() if s.engine}
     assert declared <= fields
     # What no setting gives: the model's eos, what only an OpenAI request asks (logprobs), and the output
-    # constraint, which bloom/ offers and the job and endpoint do not set yet (the wiring of issue 22).
+    # constraint, which one of several settings gives (json_schema, regex, choice, ...: the generate
+    # task's `constraint_of`).
     assert fields - declared == {"eos_token_id", "logprobs", "prompt_logprobs", "constraint"}
     c = LabelConfig(task="generate", max_new_tokens=5, do_sample=True, top_k=3, stop=["x"], min_tokens=2,
                     logit_bias={"7": 1})
