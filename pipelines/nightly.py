@@ -313,13 +313,18 @@ def recover(root: Path, ledger: dict) -> list[str]:
 
 # -------------------------------------------------------------------------------------- the work
 
+
+def annotator_fields(config: NightlyConfig, a: Annotator) -> list[pa.Field]:
+    """The columns annotator `a` writes (some depend on its settings), before the `<name>_` prefix."""
+    return output_fields(a.task, config.label_config(a, [], ""))
+
 def published_schema(config: NightlyConfig, input_schema: pa.Schema, types: dict[str, pa.DataType]) -> pa.Schema:
     """A published file's schema: the id and kept columns with the types every partition shares
     (`types`, from `column_types`), then each annotator's columns."""
     fields = [input_schema.field(c).with_type(types.get(c, input_schema.field(c).type))
               for c in dict.fromkeys([config.id_column, *config.keep_columns])]
     for a in config.annotators:
-        fields += [pa.field(f"{a.name}_{f.name}", f.type) for f in output_fields(a.task)]
+        fields += [pa.field(f"{a.name}_{f.name}", f.type) for f in annotator_fields(config, a)]
     return pa.schema(fields)
 
 
@@ -341,7 +346,7 @@ def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict
         schema = published_schema(config, storage.read_footer(uri).schema.to_arrow_schema(), types)
         columns, count = {}, None
         for a in config.annotators:
-            names = [f.name for f in output_fields(a.task)]
+            names = [f.name for f in annotator_fields(config, a)]
             base = [config.id_column, *config.keep_columns] if not columns else []
             if a.name in work:
                 mine = parts[a.name].get(source_id(uri), [])
@@ -635,7 +640,7 @@ def _new_report(run_id: str, dry_run: bool, notes: list[str], plan: dict) -> dic
 def dropped_columns(config: NightlyConfig, names: list[str], partition_columns: list[str]) -> list[str]:
     """The columns of a published table that no current setting writes (a dropped annotator's)."""
     wanted = {config.id_column, *config.keep_columns, *partition_columns, *delta.SOURCE_COLUMNS}
-    wanted |= {f"{a.name}_{f.name}" for a in config.annotators for f in output_fields(a.task)}
+    wanted |= {f"{a.name}_{f.name}" for a in config.annotators for f in annotator_fields(config, a)}
     return [n for n in names if n not in wanted]
 
 

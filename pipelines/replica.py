@@ -49,9 +49,10 @@ class RowError(ValueError):
         self.code = code
 
 
-def output_fields(task: str) -> list[pa.Field]:
-    """The columns a task writes after the pass-through columns, with fixed Arrow types."""
-    return TASKS[task].output_fields()
+def output_fields(task: str, c: LabelConfig | None = None) -> list[pa.Field]:
+    """The columns a task writes after the pass-through columns, with fixed Arrow types (c: the run's
+    settings, where some decide a column)."""
+    return TASKS[task].output_fields(c=c)
 
 
 def check_model(config: LabelConfig, model_dir: str | Path) -> None:
@@ -100,7 +101,7 @@ class BloomReplica:
         self.task.prepare(self.runtime, config, max_new_tokens_cap)  # e.g. the engine of a task that has one
         self.engine, self._engine_lock = self.runtime.engine, threading.Lock()
         self._told = [0] * len(ENGINE_COUNTS)  # the engine's counters when a batch last told them (counts_since_told)
-        self.fields = self.task.output_fields(self.runtime)
+        self.fields = self.task.output_fields(self.runtime, config)
 
     # ------------------------------------------------------------------ batch in, batch out
 

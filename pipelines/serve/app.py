@@ -231,7 +231,8 @@ class BloomEndpoint:
         for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 400)
             if r.get("error"):
                 raise ApiError(400, f"{f'{field}[{i}]' if listed else field}: {r['error']}", field)
-        keys = [f.name for f in self.replicas[task].fields]
+        replica = self.replicas[task]  # the request's settings decide some fields (generate's `parsed`)
+        keys = [f.name for f in replica.task.output_fields(replica.runtime, replica.with_params(params))]
         body = [{k: r.get(k) for k in keys} for r in results]
         self._account(route, task, start, *(sum(r.get(key) or 0 for r in results)
                                              for key in ("input_tokens", "completion_tokens")))

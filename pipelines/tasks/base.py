@@ -120,9 +120,10 @@ class Task:
         """What a request (or a row's overrides) may set, from the declarations: None = the default."""
         return settings.params_model(self.name)
 
-    def output_fields(self, rt: Runtime | None = None) -> list[pa.Field]:
+    def output_fields(self, rt: Runtime | None = None, c=None) -> list[pa.Field]:
         """The columns the task writes after the pass-through columns, with fixed Arrow types (rt: the
-        loaded runtime, for a type that depends on the model, e.g. an embedding's size)."""
+        loaded runtime, for a type that depends on the model, e.g. an embedding's size; c: the run's
+        settings, for a column that only some settings write)."""
         return [pa.field(n, t) for n, t in self.fields + COMMON_FIELDS]
 
     def content_settings(self, c) -> dict:

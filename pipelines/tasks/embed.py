@@ -55,9 +55,9 @@ class Embed(Task):
     def model_class(self, c):
         return bloom.BloomModel
 
-    def output_fields(self, rt=None):
+    def output_fields(self, rt=None, c=None):
         """With a runtime, `embedding` is list<float32> of the model's hidden size, fixed."""
-        out = super().output_fields(rt)
+        out = super().output_fields(rt, c)
         if rt is not None:
             out[0] = pa.field("embedding", pa.list_(pa.float32(), rt.model.config.hidden_size))
         return out

@@ -145,6 +145,15 @@ class Generate(Prompted):
     def input_columns(self, c):
         return super().input_columns(c) + ([c.constraint_column] if c.constraint_column else [])
 
+    def output_fields(self, rt=None, c=None):
+        """`parsed` only where the settings `c` may constrain rows to JSON (json_schema, json_object, or a
+        constraint column): without one, a run writes the columns it wrote before constraints existed, so
+        that resuming an older output, or adding to an older table, keeps one schema."""
+        out = super().output_fields(rt, c)
+        if c is None or not (c.json_schema is not None or c.json_object or c.constraint_column):
+            out = [f for f in out if f.name != "parsed"]
+        return out
+
     def row_input(self, row, c, text):
         prompt = super().row_input(row, c, text)
         if c.constraint_column and row.get(c.constraint_column) is not None:

@@ -12,6 +12,7 @@ import pytest
 from pipelines.config import LabelConfig
 from pipelines.corpus.job import run_label_job
 from pipelines.replica import BloomReplica
+from pipelines.tasks import TASKS
 from tests.pipelines.corpus.test_label import read_output
 from tests.jobs.test_label_corpus import load_script
 
@@ -125,3 +126,15 @@ def test_a_job_with_a_per_row_constraint_column(ray_cluster, checkpoints, tmp_pa
     assert report["errored_rows"] == 3
     assert sum(e["rows"] for reason, e in report["errors_this_run"].items()
                if reason.startswith("incomplete structure")) == 1
+
+
+def test_parsed_is_a_column_only_where_rows_may_be_constrained_to_json(checkpoints):
+    # Without a JSON constraint a run writes the columns it wrote before constraints existed: resuming an
+    # older output, or adding to an older nightly table, keeps one schema.
+    def columns(**settings):
+        c = LabelConfig(task="generate", model=str(checkpoints["generate"]), **settings)
+        return [f.name for f in TASKS["generate"].output_fields(c=c)]
+
+    assert "parsed" not in columns() and "parsed" not in columns(regex=REGEX) and "parsed" not in columns(choice=["a"])
+    for settings in ({"json_schema": SCHEMA}, {"json_object": True}, {"constraint_column": "spec"}):
+        assert columns(**settings)[:2] == ["generated_text", "parsed"], settings
