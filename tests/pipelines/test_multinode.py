@@ -49,12 +49,15 @@ def keys(out: Path) -> list[tuple]:
 
 def test_a_worker_node_lost_mid_run(multinode, checkpoints, tmp_path):
     cluster, workers = multinode
-    corpus = write_corpus(tmp_path / "c", corpus_rows(160), files=4, row_group_size=5)
+    corpus = write_corpus(tmp_path / "c", corpus_rows(320), files=4, row_group_size=5)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "generate",
                             "--model", str(checkpoints["generate"]), "--input", str(corpus), "--output", str(out),
-                            "--max-new-tokens", "24", "--rows-per-batch", "5"],
+                            "--max-new-tokens", "24", "--rows-per-batch", "5",
+                            # a replica on every node from the start: with several batches in flight per
+                            # replica, one replica may take a short job whole, and it may sit on the head
+                            "--min-actors", "4"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Remove a worker node that is running a replica, once some parts are written.
     victim, deadline = None, time.time() + 240
@@ -62,16 +65,21 @@ def test_a_worker_node_lost_mid_run(multinode, checkpoints, tmp_path):
         if len(list(out.glob("part-*.parquet"))) >= 3:
             victim = next((w for w in workers if replica_actor_pids(raylet_pid(w))), None)
         time.sleep(0.1)
-    assert victim is not None, "no replica ran on a worker node before the job ended; make it slower"
+    if victim is None:
+        ended = job.poll() is not None
+        log = job.communicate(timeout=400)[0] if ended else ""
+        pytest.fail(f"no replica found on a worker node after 3 parts ({len(list(out.glob('part-*.parquet')))} "
+                    f"written; the job {'ended with ' + str(job.returncode) if ended else 'still runs'}): "
+                    f"make it slower\n{log[-3000:]}")
     written = len(keys(out))
     cluster.remove_node(victim, allow_graceful=False)
     workers.remove(victim)
     log, _ = job.communicate(timeout=400)
     assert job.returncode == 0, log[-4000:]
-    assert 0 < written < 160
-    assert "generate: 160/160 rows" in log
+    assert 0 < written < 320
+    assert "generate: 320/320 rows" in log
     labeled = keys(out)
-    assert len(labeled) == len(set(labeled)) == 160
+    assert len(labeled) == len(set(labeled)) == 320
 
 
 def test_nightly_killed_and_restarted_while_the_cluster_grows_back(multinode, checkpoints, tmp_path):

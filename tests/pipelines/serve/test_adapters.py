@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import requests
@@ -15,6 +14,7 @@ from tests.pipelines.conftest import corpus_rows
 
 peft = pytest.importorskip("peft")
 from tests.bloom.test_lora import ALL, write_adapter  # noqa: E402  (needs peft)
+from tests.pipelines.serve import endpoint
 
 LABELS = ["sports", "politics", "science news"]
 CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt is the message's text
@@ -34,23 +34,12 @@ def lora(checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, checkpoints, lora):
-    from ray import serve
-
-    from pipelines.serve import BloomEndpoint
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": str(checkpoints["generate"]), "dtype": "float32", "max_input_tokens": 200,
               "adapters": [f"{n}={lora[n]}" for n in ("fr", "legal")], "adapter_dir": str(lora["ondisk"].parent)}
     tasks = {"generate": {**common, "max_new_tokens": 6, "chat_template": CHAT},
              "classify": {**common, "candidate_labels": LABELS}}
-    serve.run(BloomEndpoint.options(ray_actor_options={"num_cpus": 0.5}).bind(tasks=tasks, max_new_tokens_cap=64),
-              name="bloomline-lora", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", tasks
-    serve.delete("bloomline-lora")
-    serve.shutdown()
+    with endpoint("bloomline-lora", tasks, max_new_tokens_cap=64) as url:
+        yield url, tasks
 
 
 def offline(server, lora, task: str, adapter: str | None, rows: list[dict]) -> list[dict]:

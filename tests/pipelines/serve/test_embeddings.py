@@ -2,7 +2,6 @@
 computes, as floats or base64, for texts and token ids; dimensions other than the model's refused."""
 
 import base64
-import socket
 
 import numpy as np
 import pytest
@@ -11,27 +10,17 @@ import requests
 from pipelines.config import LabelConfig
 from pipelines.replica import BloomReplica
 from tests.pipelines.conftest import corpus_rows
+from tests.pipelines.serve import endpoint
 
 SETTINGS = {"dtype": "float32", "max_input_tokens": 128}
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, checkpoints):
-    from ray import serve
-
-    from pipelines.serve import BloomEndpoint
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     tasks = {"embed": {"model": str(checkpoints["generate"]), **SETTINGS},
              "classify": {"model": str(checkpoints["classify"])}}
-    serve.run(BloomEndpoint.options(ray_actor_options={"num_cpus": 0.5}).bind(tasks=tasks), name="bloomline-embed",
-              route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("bloomline-embed")
-    serve.shutdown()
+    with endpoint("bloomline-embed", tasks) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the openai client, limits, auth, and batching of concurrent clients."""
 
 import json
 import random
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from pipelines.config import LabelConfig
 from pipelines.replica import BloomReplica
 from tests.pipelines.conftest import corpus_rows
+from tests.pipelines.serve import endpoint
 
 ROOT = Path(__file__).resolve().parents[3]
 KEY = "test-key-123"
@@ -23,22 +23,9 @@ TASK_SETTINGS = {"generate": {"max_new_tokens": 6, "dtype": "float32"}, "classif
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, checkpoints):
-    from ray import serve
-
-    from pipelines.serve import BloomEndpoint
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     tasks = {t: {"model": str(checkpoints[t]), "max_input_tokens": 200, **TASK_SETTINGS[t]} for t in TASK_SETTINGS}
-    endpoint = BloomEndpoint.options(ray_actor_options={"num_cpus": 0.5,
-                                                        "runtime_env": {"env_vars": {"BLOOMLINE_API_KEY": KEY}}})
-    serve.run(endpoint.bind(tasks=tasks, max_body_bytes=20_000, max_new_tokens_cap=64), name="bloomline",
-              route_prefix="/")
-    yield f"http://127.0.0.1:{port}", tasks
-    serve.delete("bloomline")
-    serve.shutdown()
+    with endpoint("bloomline", tasks, KEY, max_body_bytes=20_000, max_new_tokens_cap=64) as url:
+        yield url, tasks
 
 
 def post(server, route, body, key=KEY, **kw):

@@ -4,13 +4,13 @@ settings as /v1/generate parameters; every output parses and validates (a random
 
 import json
 import re
-import socket
 
 import jsonschema
 import pytest
 import requests
 
 from tests.pipelines.serve.test_chat import MESSAGES, TAGGED
+from tests.pipelines.serve import endpoint
 
 KEY = "structured-key"
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
@@ -24,22 +24,10 @@ PROMPT = "Name a city:"
 
 @pytest.fixture(scope="module")
 def base(ray_cluster, checkpoints):
-    from ray import serve
-
-    from pipelines.serve import BloomEndpoint
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     tasks = {"generate": {"model": str(checkpoints["generate"]), "max_input_tokens": 200, "max_new_tokens": 6,
                           "dtype": "float32", "chat_template": TAGGED}}
-    endpoint = BloomEndpoint.options(ray_actor_options={"num_cpus": 0.5,
-                                                        "runtime_env": {"env_vars": {"BLOOMLINE_API_KEY": KEY}}})
-    serve.run(endpoint.bind(tasks=tasks, max_new_tokens_cap=128), name="structured", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("structured")
-    serve.shutdown()
+    with endpoint("structured", tasks, KEY, max_new_tokens_cap=128) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
