@@ -4,16 +4,9 @@ inside a user's own Ray Data pipeline."""
 import asyncio
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -24,12 +17,7 @@ from pipelines.corpus.job import run_label_job
 from pipelines.processor import FedReplica
 from pipelines.replica import BloomReplica, output_fields
 from tests.pipelines.conftest import corpus_rows, write_corpus
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def read_output(path) -> pa.Table:
-    return pads.dataset(str(path), format="parquet").to_table()
+from tests.pipelines.corpus.test_label import kill_generate_job, read_output
 
 
 def generate_config(checkpoints, **kw):
@@ -88,18 +76,7 @@ def test_a_fed_generate_job_killed_mid_run_then_resumed_equals_an_uninterrupted_
     # Batches of 5 rows, 4 at once on the actor's engine: a kill lands while several batches share it.
     corpus = write_corpus(tmp_path / "c", corpus_rows(80), files=2, row_group_size=5)
     out, whole = tmp_path / "out", tmp_path / "whole"
-    args = [sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "generate", "--model",
-            str(checkpoints["generate"]), "--input", str(corpus), "--output", str(out), "--max-new-tokens", "24",
-            "--rows-per-batch", "5", "--batches-in-flight", "4"]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the job finished before it could be killed; make it slower"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = read_output(out).num_rows
+    written = kill_generate_job(ray_cluster, checkpoints["generate"], corpus, out, 2, "--batches-in-flight", "4")
     assert 0 < written < 80
     cfg = LabelConfig(task="generate", model=str(checkpoints["generate"]), input=[str(corpus)], output=str(out),
                       max_new_tokens=24, rows_per_batch=5, batches_in_flight=4)

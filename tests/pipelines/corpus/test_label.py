@@ -155,21 +155,26 @@ def test_new_input_rows_are_labeled_on_rerun(ray_cluster, checkpoints, tmp_path)
     assert report["rows_labeled_this_run"] == 10 and report["rows_out"] == 40
 
 
-def test_driver_killed_mid_run_then_rerun_gives_every_row_once(ray_cluster, checkpoints, tmp_path):
-    corpus = write_corpus(tmp_path / "c", corpus_rows(120), files=3, row_group_size=5)
-    out = tmp_path / "out"
-    args = [sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "generate", "--model",
-            str(checkpoints["generate"]), "--input", str(corpus), "--output", str(out), "--max-new-tokens", "24",
-            "--rows-per-batch", "5"]
+def kill_generate_job(ray_cluster: str, model, corpus: Path, out: Path, parts: int, *flags: str) -> int:
+    """Run jobs/label_corpus.py (generate, 24 new tokens, batches of 5 rows, then `flags`) on `corpus`
+    into `out`, SIGKILL it once `parts` parts are written; returns the rows written by then."""
+    args = [sys.executable, str(ROOT / "jobs" / "label_corpus.py"), "--task", "generate", "--model", str(model),
+            "--input", str(corpus), "--output", str(out), "--max-new-tokens", "24", "--rows-per-batch", "5", *flags]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None:
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < parts and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed; make it slower"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = read_output(out).num_rows
+    return read_output(out).num_rows
+
+
+def test_driver_killed_mid_run_then_rerun_gives_every_row_once(ray_cluster, checkpoints, tmp_path):
+    corpus = write_corpus(tmp_path / "c", corpus_rows(120), files=3, row_group_size=5)
+    out = tmp_path / "out"
+    written = kill_generate_job(ray_cluster, checkpoints["generate"], corpus, out, 3)
     assert 0 < written < 120
     cfg = LabelConfig(task="generate", model=str(checkpoints["generate"]), input=[str(corpus)], output=str(out),
                       max_new_tokens=24, rows_per_batch=5)
