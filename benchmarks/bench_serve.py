@@ -10,7 +10,6 @@ max_batch_tokens=1 (every request its own forward), set through user_config, as 
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import machine, write_results
+from common import local_serve, machine, write_results
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -51,12 +50,7 @@ def main(argv=None) -> int:
     application["args"]["tasks"] = {"classify": {"model": str(model), "max_input_tokens": 512}}
     deployment = application["deployments"][0]
     deployment.update(autoscaling_config=None, num_replicas=1, ray_actor_options={"num_cpus": 1})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/v1/classify"
+    url = local_serve() + "/v1/classify"
     texts = [SAMPLE_TEXT[i % len(SAMPLE_TEXT)] for i in range(args.requests)]
     results = {"machine": machine(), "requests": args.requests, "clients": args.clients, "model_hidden": args.hidden, "runs": {}}
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import describe, machine, write_results
+from common import describe, local_serve, machine, write_results
 
 ROOT = Path(__file__).resolve().parent
 
@@ -67,12 +66,7 @@ def main(argv=None) -> int:
     prefix = [rng.randrange(4, vocab) for _ in range(args.prefix)]
     prompts = [prefix + [rng.randrange(4, vocab) for _ in range(24)] for _ in range(args.clients * args.per_client + 1)]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    base = local_serve()
 
     def deploy(prefix_cache: bool) -> None:
         config = yaml.safe_load((ROOT.parent / "serve_config.yaml").read_text())

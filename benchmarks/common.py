@@ -112,3 +112,18 @@ def random_lm(args) -> tuple:
                             n_head=args.hidden // 64, eos_token_id=2, pad_token_id=3)
     model = randomise_(bloom.BloomForCausalLM(cfg).eval(), std=0.3)
     return model, model.pack_for_cpu()
+
+
+def local_serve(num_cpus: int = 2) -> str:
+    """Start a local Ray of `num_cpus` CPUs and Ray Serve on a free port of 127.0.0.1; its base URL."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
