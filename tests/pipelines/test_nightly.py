@@ -442,3 +442,22 @@ def test_an_embed_annotator_publishes_the_vectors_the_embed_task_gives(ray_clust
         for row, w in zip(rows, want):
             assert len(got[row["id"]]) == len(w["embedding"])
             assert max(abs(a - b) for a, b in zip(got[row["id"]], w["embedding"])) < 1e-5, row["id"]
+
+
+def test_the_annotators_configs_are_built_per_run_not_per_file(ray_cluster, checkpoints, tmp_path, monkeypatch):
+    """Assembling a partition reuses the run's annotator columns: the LabelConfigs the driver builds do
+    not grow with the files (at 20k files x 3 annotators, one per file cost ~16 s a run)."""
+    built = []
+    label_config = NightlyConfig.label_config
+    monkeypatch.setattr(NightlyConfig, "label_config", lambda self, *args: built.append(1) or label_config(self, *args))
+    topic = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    counts = []
+    for files in (1, 4):
+        corpus, out = tmp_path / f"corpus{files}", tmp_path / f"out{files}"
+        write_corpus(corpus / "date=2026-11-01", partition_rows(1, 8), files=files, row_group_size=5)
+        built.clear()
+        report = run_nightly(NightlyConfig(**settings(corpus, out, topic)))
+        assert report["status"] == "succeeded" and published(out).num_rows == 8
+        assert len(list((out / "date=2026-11-01").glob("*.parquet"))) == files
+        counts.append(len(built))
+    assert counts[0] == counts[1], counts
