@@ -217,12 +217,12 @@ class BloomEndpoint:
     async def _label_held(self, route, task, rows, params, single, field, listed):
         listed = not single if listed is None else listed
         start = time.perf_counter()
-        params = self._validate(task, params)
+        params, c = self._validate(task, params)
         await self._use_adapter(task, params)
         if not rows:
             raise ApiError(400, f"{field} is empty", field)
         if task not in self.batchers:  # a task on the engine: its rows join the running batch
-            results = await self._generate(rows, params, field, listed)
+            results = await self._generate(rows, c, field, listed)
         else:  # a batched forward (classify, ner, qa): a queue per task, never behind a generation or each other
             # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
             # forms a batch of its own rather than being refused by Serve.
@@ -232,7 +232,7 @@ class BloomEndpoint:
             if r.get("error"):
                 raise ApiError(400, f"{f'{field}[{i}]' if listed else field}: {r['error']}", field)
         replica = self.replicas[task]  # the request's settings decide some fields (generate's `parsed`)
-        keys = [f.name for f in replica.task.output_fields(replica.runtime, replica.with_params(params))]
+        keys = [f.name for f in replica.task.output_fields(replica.runtime, c)]
         body = [{k: r.get(k) for k in keys} for r in results]
         self._account(route, task, start, *(sum(r.get(key) or 0 for r in results)
                                              for key in ("input_tokens", "completion_tokens")))
@@ -246,13 +246,13 @@ class BloomEndpoint:
         self.latency.observe((time.perf_counter() - start) * 1000, {"route": route})
         self.requests.inc(1, {"route": route, "status": "200"})
 
-    def _submit(self, prompts: list, params: dict, field: str, listed: bool, n: int = 1, **request):
-        """Check every prompt, then submit each as n sequences of the generate replica's engine (request:
+    def _submit(self, prompts: list, c: LabelConfig, field: str, listed: bool, n: int = 1, **request):
+        """Check every prompt, then submit each as n sequences of the generate replica's engine (c: the
+        request's effective settings, from `_validate`; request:
         the engine settings of `Generate.submit`); 400 naming the first prompt that cannot be generated
         for (before anything is submitted). prompts: rows (a text prompt's columns) or token-id lists.
         Returns (settings, [(prompt, ids), result] per prompt, the sequences per prompt)."""
         replica = self.generator
-        c = replica.with_params(params)
         prepared = []
         for i, prompt in enumerate(prompts):
             name = f"{field}[{i}]" if listed else field
@@ -285,10 +285,11 @@ class BloomEndpoint:
         for seq in seqs:
             self._observe(seq)
 
-    async def _generate(self, rows: list[dict], params: dict, field: str, listed: bool) -> list[dict]:
-        """Generate for every row on the engine (joining its running batch); results as `label_rows`'."""
+    async def _generate(self, rows: list[dict], c: LabelConfig, field: str, listed: bool) -> list[dict]:
+        """Generate for every row on the engine (joining its running batch) with the request's settings
+        `c`; results as `label_rows`'."""
         replica = self.generator
-        c, prepared, groups = self._submit(rows, params, field, listed)
+        c, prepared, groups = self._submit(rows, c, field, listed)
         seqs = [seq for (seq,) in groups]
         await self._wait(seqs)
         return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids),
@@ -302,15 +303,16 @@ class BloomEndpoint:
             if name in self.engine_gauges:
                 self.engine_gauges[name].set(value)
 
-    def _validate(self, task: str, params: dict, alias: dict | None = None) -> dict:
-        """Drop unset parameters; 400 for values over the endpoint's caps or invalid for the task, naming
-        the parameter as the request did (alias: setting → OpenAI's name)."""
+    def _validate(self, task: str, params: dict, alias: dict | None = None) -> tuple[dict, LabelConfig]:
+        """The request's parameters without the unset ones, and its effective settings (`with_params`);
+        400 for values over the endpoint's caps or invalid for the task, naming the parameter as the
+        request did (alias: setting → OpenAI's name)."""
         if task not in self.replicas:
             raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
         params = {k: v for k, v in params.items() if v is not None}
         alias = alias or {}
         try:
-            self.replicas[task].with_params(params, caps={"max_new_tokens": self.max_new_tokens_cap}, alias=alias)
+            c = self.replicas[task].with_params(params, caps={"max_new_tokens": self.max_new_tokens_cap}, alias=alias)
         except adapters.UnknownAdapter as e:  # a model that is not served: 404, as an unknown model
             raise ApiError(404, str(e), alias.get("adapter", "adapter")) from None
         except SettingError as e:
@@ -321,7 +323,7 @@ class BloomEndpoint:
         except ValueError as e:
             named = str(e).split(" ", 1)[0]  # the replica's messages begin with the parameter at fault
             raise ApiError(400, str(e), named if named in params else None) from None
-        return params
+        return params, c
 
     # -- routes --
 
@@ -470,11 +472,11 @@ class BloomEndpoint:
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
         params = {name: getattr(req, used) for used, name in openai_names().items()} | constraint_settings(req)
         adapter = (req.model or "").partition(":")[2] or None  # model "generate:<adapter>"
-        params = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
-                                                    "do_sample": req.temperature > 0,
-                                                    "temperature": req.temperature if req.temperature > 0 else None,
-                                                    "adapter": adapter},
-                                alias | {"adapter": "model"})
+        params, c = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
+                                                       "do_sample": req.temperature > 0,
+                                                       "temperature": req.temperature if req.temperature > 0 else None,
+                                                       "adapter": adapter},
+                                   alias | {"adapter": "model"})
         await self._use_adapter(replica.task.name, params)
         # Choosing the best of more sequences than are answered ranks them by their logprobs (0: the
         # chosen tokens' only); they are shown only when asked for.
@@ -485,7 +487,7 @@ class BloomEndpoint:
                 "model": replica.task.name + (f":{adapter}" if adapter else "")}
         if req.stream:
             self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
-            c, prepared, groups = self._submit(prompts, params, field, listed, **request)
+            c, prepared, groups = self._submit(prompts, c, field, listed, **request)
             usage = bool(req.stream_options and req.stream_options.include_usage)
             head = {**head, "object": "chat.completion.chunk"} if chat else head
             return StreamingResponse(self._stream(head, c, prepared, groups, echo, usage, chat, logprobs),
@@ -493,7 +495,7 @@ class BloomEndpoint:
         self._hold()
         try:
             start = time.perf_counter()
-            c, prepared, groups = self._submit(prompts, params, field, listed, **request)
+            c, prepared, groups = self._submit(prompts, c, field, listed, **request)
             seqs = [seq for group in groups for seq in group]
             await self._wait(seqs)
             answer = []
