@@ -223,6 +223,15 @@ def save_ledger(uri: str, ledger: dict, keys: list[str], state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- commits
 
+def table_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` as a Delta table holds it: Delta has no fixed-size list, so a fixed_size_list<T>[n]
+    column (the embed task's `embedding`) becomes list<T>. The data files are written with this schema
+    too, so that they hold the type the table declares (Polars refuses a file whose type differs)."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        return pa.list_(t.value_field.with_type(plain(t.value_type))) if pa.types.is_fixed_size_list(t) else t
+    return pa.schema([f.with_type(plain(f.type)) for f in schema], metadata=schema.metadata)
+
+
 def _staged_batches(staged: dict[str, str], schema: pa.Schema):
     for key, directory in staged.items():
         values = partition_values(key)
@@ -265,7 +274,7 @@ def commit_partitions(uri: str, staged: dict[str, str], deleted: list[str], entr
         first = next(e.uri for e in sorted(storage.list_files(staged[first_key], recursive=True), key=lambda e: e.uri)
                      if e.name.endswith(".parquet"))
         columns = list(partition_values(first_key))
-        base = storage.read_footer(first).schema.to_arrow_schema()
+        base = table_schema(storage.read_footer(first).schema.to_arrow_schema())
         schema = pa.schema([*base, *(pa.field(c, pa.string()) for c in columns),
                             pa.field(SOURCE_COLUMNS[0], pa.string()), pa.field(SOURCE_COLUMNS[1], pa.int64())])
         if table is not None and table.metadata().partition_columns != columns:
@@ -354,7 +363,8 @@ def publish_parts(uri: str, parts: list[str], metadata: dict) -> int:
     from deltalake import write_deltalake
 
     parts = sorted(parts)
-    schema = pa.unify_schemas([storage.read_footer(p).schema.to_arrow_schema() for p in parts]) if parts else pa.schema([])
+    schema = table_schema(pa.unify_schemas([storage.read_footer(p).schema.to_arrow_schema() for p in parts])
+                          if parts else pa.schema([]))
 
     def batches():
         for part in parts:

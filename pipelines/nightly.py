@@ -314,39 +314,44 @@ def recover(root: Path, ledger: dict) -> list[str]:
 # -------------------------------------------------------------------------------------- the work
 
 
-def annotator_fields(config: NightlyConfig, a: Annotator) -> list[pa.Field]:
-    """The columns annotator `a` writes (some depend on its settings), before the `<name>_` prefix."""
-    return output_fields(a.task, config.label_config(a, [], ""))
+def annotator_fields(config: NightlyConfig) -> dict[str, list[pa.Field]]:
+    """annotator name -> the columns it writes (some depend on its settings), before the `<name>_`
+    prefix. Built once per run (`plan_run`) and passed down, not per file: it builds each annotator's
+    LabelConfig (0.13 ms each; 16 s a run at 20k files x 3 annotators)."""
+    return {a.name: output_fields(a.task, config.label_config(a, [], "")) for a in config.annotators}
 
-def published_schema(config: NightlyConfig, input_schema: pa.Schema, types: dict[str, pa.DataType]) -> pa.Schema:
+
+def published_schema(config: NightlyConfig, input_schema: pa.Schema, types: dict[str, pa.DataType],
+                     fields: dict[str, list[pa.Field]]) -> pa.Schema:
     """A published file's schema: the id and kept columns with the types every partition shares
-    (`types`, from `column_types`), then each annotator's columns."""
-    fields = [input_schema.field(c).with_type(types.get(c, input_schema.field(c).type))
-              for c in dict.fromkeys([config.id_column, *config.keep_columns])]
+    (`types`, from `column_types`), then each annotator's columns (`fields`, from `annotator_fields`)."""
+    out = [input_schema.field(c).with_type(types.get(c, input_schema.field(c).type))
+           for c in dict.fromkeys([config.id_column, *config.keep_columns])]
     for a in config.annotators:
-        fields += [pa.field(f"{a.name}_{f.name}", f.type) for f in annotator_fields(config, a)]
-    return pa.schema(fields)
+        out += [pa.field(f"{a.name}_{f.name}", f.type) for f in fields[a.name]]
+    return pa.schema(out)
 
 
 def assemble(config: NightlyConfig, directory: str, files: list[str], work: dict[str, str],
-             reused: Callable[[str, list[str]], pa.Table] | None, staged: str, limits: dict[str, LabelConfig], types: dict[str, pa.DataType]) -> dict:
+             reused: Callable[[str, list[str]], pa.Table] | None, staged: str, limits: dict[str, LabelConfig], types: dict[str, pa.DataType],
+             fields: dict[str, list[pa.Field]]) -> dict:
     """Join the annotators' outputs row by row into one published file per input file, in input order.
 
     work: annotator name -> its labeling output (covering this partition's files among others); the
     other annotators' columns are read by `reused(file under the partition, columns)` from the
     published partition (same input, same annotator fingerprint: the same values). limits: annotator -> the config whose errored-row
     thresholds apply to this partition; JobFailed when one is passed. types: the id and kept columns'
-    types across partitions (`column_types`)."""
+    types across partitions (`column_types`); fields: each annotator's columns (`annotator_fields`)."""
     storage.make_dirs(staged)
     parts = {name: parts_by_source(path) for name, path in work.items()}
     rows = 0
     errored = {a.name: 0 for a in config.annotators}
     for uri in files:
         rel = storage.relative(uri, directory)
-        schema = published_schema(config, storage.read_footer(uri).schema.to_arrow_schema(), types)
+        schema = published_schema(config, storage.read_footer(uri).schema.to_arrow_schema(), types, fields)
         columns, count = {}, None
         for a in config.annotators:
-            names = [f.name for f in annotator_fields(config, a)]
+            names = [f.name for f in fields[a.name]]
             base = [config.id_column, *config.keep_columns] if not columns else []
             if a.name in work:
                 mine = parts[a.name].get(source_id(uri), [])
@@ -471,7 +476,8 @@ def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints:
     staged = storage.join(root, "_staging", run_id, quote(key, safe="="))  # one path component
     entry = {"partition": key, "input_fingerprint": in_fp, "annotator_fingerprint": combined(fingerprints),
              "annotators": dict(fingerprints), "files": len(files), "run_id": run_id}
-    entry.update(assemble(config, directory, files, work, reader if reused else None, staged, limits, plan["types"]))
+    entry.update(assemble(config, directory, files, work, reader if reused else None, staged, limits, plan["types"],
+                          plan["fields"]))
     entry["published_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(storage.join(staged, MANIFEST), entry)
     publish_to(key, staged)
@@ -482,7 +488,8 @@ def publish_partition(config: NightlyConfig, key: str, plan: dict, fingerprints:
 def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict, root: Path | None) -> dict:
     """Which partitions are new, changed (input or annotators), unchanged, or gone from the corpus, and
     the types of the id / kept columns across them (`column_types`; root: the Parquet layout's output,
-    None for a Delta table, whose schema holds the published partitions' types)."""
+    None for a Delta table, whose schema holds the published partitions' types), and each annotator's
+    columns (`annotator_fields`)."""
     partitions = find_partitions(config)
     want = combined(fingerprints)
     plan = {"new": [], "changed": [], "unchanged": [], "deleted": sorted(set(ledger["partitions"]) - set(partitions)),
@@ -498,6 +505,7 @@ def plan_run(config: NightlyConfig, ledger: dict, fingerprints: dict, root: Path
         else:
             plan["changed"].append(key)
     plan["types"] = column_types(config, plan, root)
+    plan["fields"] = annotator_fields(config)
     return plan
 
 
@@ -637,10 +645,12 @@ def _new_report(run_id: str, dry_run: bool, notes: list[str], plan: dict) -> dic
             "published": [], "failed": {}, "pruned": [], "recast": [], "rows_labeled": 0, "annotator_runs": {}}
 
 
-def dropped_columns(config: NightlyConfig, names: list[str], partition_columns: list[str]) -> list[str]:
-    """The columns of a published table that no current setting writes (a dropped annotator's)."""
+def dropped_columns(config: NightlyConfig, names: list[str], partition_columns: list[str],
+                    fields: dict[str, list[pa.Field]]) -> list[str]:
+    """The columns of a published table that no current setting writes (a dropped annotator's);
+    fields: each annotator's columns (`annotator_fields`)."""
     wanted = {config.id_column, *config.keep_columns, *partition_columns, *delta.SOURCE_COLUMNS}
-    wanted |= {f"{a.name}_{f.name}" for a in config.annotators for f in annotator_fields(config, a)}
+    wanted |= {f"{name}_{f.name}" for name, columns in fields.items() for f in columns}
     return [n for n in names if n not in wanted]
 
 
@@ -690,7 +700,8 @@ def run_delta(config: NightlyConfig, dry_run: bool, connect: Callable[[], None] 
                                                                     {**entries, **dict.fromkeys(deleted)}, run_id,
                                                                     config.retention_hours)
                 table = delta.open_table(root)
-                drop = (dropped_columns(config, [f.name for f in table.schema().fields], table.metadata().partition_columns)
+                drop = (dropped_columns(config, [f.name for f in table.schema().fields], table.metadata().partition_columns,
+                                        plan["fields"])
                         if config.prune and table is not None else [])
                 if drop:
                     state["data_version"] = delta.drop_columns(root, drop, run_id)

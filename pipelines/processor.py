@@ -118,15 +118,15 @@ def replica_stage(ds, config: LabelConfig, pool: dict, engine_steps: bool = True
     from ray.data import ActorPoolStrategy
 
     fed = TASKS[config.task].runs_on_engine
-    in_flight = config.batches_in_flight if fed else 1
+    in_flight = config.batches_in_flight if fed else None  # None: Ray Data's defaults
     return ds.map_batches(
         FedReplica if fed else BloomReplica,
         fn_constructor_kwargs={"config": config, "num_threads": pool["threads"]},
         fn_kwargs={"engine_steps": engine_steps},
         # A fed actor runs `in_flight` batches at once (Ray Core's max_concurrency): they share one engine.
         compute=ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"],
-                                  max_tasks_in_flight_per_actor=in_flight if fed else None,
-                                  max_concurrent_calls_per_actor=in_flight if fed else None),
+                                  max_tasks_in_flight_per_actor=in_flight,
+                                  max_concurrent_calls_per_actor=in_flight),
         batch_size=config.rows_per_batch, batch_format="pyarrow", num_cpus=pool["num_cpus"],
         num_gpus=pool["num_gpus"])
 

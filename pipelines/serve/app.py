@@ -6,7 +6,8 @@ Routes: POST /v1/generate, /v1/classify, /v1/ner, /v1/qa, /v1/embed (one item or
 OpenAI-style POST /v1/completions (text or token-id prompts, n and best_of choices, logprobs, echo,
 logit_bias; `stream: true` answers with server-sent events), POST /v1/chat/completions (where a chat
 template is set: the messages rendered into a prompt, then the completions path), POST /v1/embeddings
-(OpenAI's shape over the task that embeds, batched with its /v1/{task} requests), GET /v1/models and
+(OpenAI's shape over the task that embeds, batched with its /v1/{task} requests), vLLM's POST /classify and
+/score (`pooling`: over the tasks that classify and embed), GET /v1/models and
 /v1/models/{id}, GET /healthz (alive) and /readyz (models loaded). Every error, on every route, is
 OpenAI's object {"error": {"message", "type", "param", "code"}} with the status of its kind (400 invalid,
 401, 404, 413, 503). Generation requests,
@@ -42,6 +43,7 @@ from ..replica import BloomReplica, RowError
 from ..tasks import TASKS, timings
 from ..tasks.settings import SettingError, openai_names
 from .chat import ChatTemplateError, checkpoint_chat_template, compile_template, render_chat
+from . import pooling
 from .errors import ApiError, error_answer
 from .openai import (NO_OP, ChatRequest, CompletionRequest, EmbeddingRequest, SamplingRequest, best_choices,
                      choice_pieces, constraint_settings, embedding_item, join_logprobs, make_choice, token_prompt,
@@ -205,24 +207,25 @@ class BloomEndpoint:
         self.held += count
 
     async def _label(self, route: str, task: str, rows: list[dict], params: dict, single: bool,
-                     field: str = "inputs", listed: bool | None = None):
+                     field: str = "inputs", listed: bool | None = None, names: list[str] | None = None):
         """Label a request's rows through the batcher; 400 naming the first item that cannot be labeled.
-        single: answer one object (else {"results": [...]}); field / listed: how the request named its items."""
+        single: answer one object (else {"results": [...]}); field / listed: how the request named its items;
+        names: each row's name instead, where the items came from several fields (e.g. "text_2[1]")."""
         self._hold()
         try:
-            return await self._label_held(route, task, rows, params, single, field, listed)
+            return await self._label_held(route, task, rows, params, single, field, listed, names)
         finally:
             self.held -= 1
 
-    async def _label_held(self, route, task, rows, params, single, field, listed):
+    async def _label_held(self, route, task, rows, params, single, field, listed, names=None):
         listed = not single if listed is None else listed
         start = time.perf_counter()
-        params = self._validate(task, params)
+        params, c = self._validate(task, params)
         await self._use_adapter(task, params)
         if not rows:
             raise ApiError(400, f"{field} is empty", field)
         if task not in self.batchers:  # a task on the engine: its rows join the running batch
-            results = await self._generate(rows, params, field, listed)
+            results = await self._generate(rows, c, field, listed)
         else:  # a batched forward (classify, ner, qa): a queue per task, never behind a generation or each other
             # ~4 bytes a token, for the batch's token budget; capped at the budget so that a large item
             # forms a batch of its own rather than being refused by Serve.
@@ -230,9 +233,10 @@ class BloomEndpoint:
             results = await asyncio.gather(*[self.batchers[task]((row, params or None, size)) for row in rows])
         for i, r in enumerate(results):  # an item that cannot be labeled refuses the request (one rule, 400)
             if r.get("error"):
-                raise ApiError(400, f"{f'{field}[{i}]' if listed else field}: {r['error']}", field)
+                name = names[i] if names else f"{field}[{i}]" if listed else field
+                raise ApiError(400, f"{name}: {r['error']}", name.partition("[")[0])
         replica = self.replicas[task]  # the request's settings decide some fields (generate's `parsed`)
-        keys = [f.name for f in replica.task.output_fields(replica.runtime, replica.with_params(params))]
+        keys = [f.name for f in replica.task.output_fields(replica.runtime, c)]
         body = [{k: r.get(k) for k in keys} for r in results]
         self._account(route, task, start, *(sum(r.get(key) or 0 for r in results)
                                              for key in ("input_tokens", "completion_tokens")))
@@ -246,13 +250,13 @@ class BloomEndpoint:
         self.latency.observe((time.perf_counter() - start) * 1000, {"route": route})
         self.requests.inc(1, {"route": route, "status": "200"})
 
-    def _submit(self, prompts: list, params: dict, field: str, listed: bool, n: int = 1, **request):
-        """Check every prompt, then submit each as n sequences of the generate replica's engine (request:
+    def _submit(self, prompts: list, c: LabelConfig, field: str, listed: bool, n: int = 1, **request):
+        """Check every prompt, then submit each as n sequences of the generate replica's engine (c: the
+        request's effective settings, from `_validate`; request:
         the engine settings of `Generate.submit`); 400 naming the first prompt that cannot be generated
         for (before anything is submitted). prompts: rows (a text prompt's columns) or token-id lists.
         Returns (settings, [(prompt, ids), result] per prompt, the sequences per prompt)."""
         replica = self.generator
-        c = replica.with_params(params)
         prepared = []
         for i, prompt in enumerate(prompts):
             name = f"{field}[{i}]" if listed else field
@@ -285,10 +289,11 @@ class BloomEndpoint:
         for seq in seqs:
             self._observe(seq)
 
-    async def _generate(self, rows: list[dict], params: dict, field: str, listed: bool) -> list[dict]:
-        """Generate for every row on the engine (joining its running batch); results as `label_rows`'."""
+    async def _generate(self, rows: list[dict], c: LabelConfig, field: str, listed: bool) -> list[dict]:
+        """Generate for every row on the engine (joining its running batch) with the request's settings
+        `c`; results as `label_rows`'."""
         replica = self.generator
-        c, prepared, groups = self._submit(rows, params, field, listed)
+        c, prepared, groups = self._submit(rows, c, field, listed)
         seqs = [seq for (seq,) in groups]
         await self._wait(seqs)
         return [{**result, **replica.task.result(replica.runtime, c, seq.output_ids, seq.finish_reason, len(ids),
@@ -302,15 +307,16 @@ class BloomEndpoint:
             if name in self.engine_gauges:
                 self.engine_gauges[name].set(value)
 
-    def _validate(self, task: str, params: dict, alias: dict | None = None) -> dict:
-        """Drop unset parameters; 400 for values over the endpoint's caps or invalid for the task, naming
-        the parameter as the request did (alias: setting → OpenAI's name)."""
+    def _validate(self, task: str, params: dict, alias: dict | None = None) -> tuple[dict, LabelConfig]:
+        """The request's parameters without the unset ones, and its effective settings (`with_params`);
+        400 for values over the endpoint's caps or invalid for the task, naming the parameter as the
+        request did (alias: setting → OpenAI's name)."""
         if task not in self.replicas:
             raise ApiError(404, f"this endpoint does not serve task {task!r} (it serves: {', '.join(self.replicas)})")
         params = {k: v for k, v in params.items() if v is not None}
         alias = alias or {}
         try:
-            self.replicas[task].with_params(params, caps={"max_new_tokens": self.max_new_tokens_cap}, alias=alias)
+            c = self.replicas[task].with_params(params, caps={"max_new_tokens": self.max_new_tokens_cap}, alias=alias)
         except adapters.UnknownAdapter as e:  # a model that is not served: 404, as an unknown model
             raise ApiError(404, str(e), alias.get("adapter", "adapter")) from None
         except SettingError as e:
@@ -321,7 +327,7 @@ class BloomEndpoint:
         except ValueError as e:
             named = str(e).split(" ", 1)[0]  # the replica's messages begin with the parameter at fault
             raise ApiError(400, str(e), named if named in params else None) from None
-        return params
+        return params, c
 
     # -- routes --
 
@@ -470,11 +476,11 @@ class BloomEndpoint:
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
         params = {name: getattr(req, used) for used, name in openai_names().items()} | constraint_settings(req)
         adapter = (req.model or "").partition(":")[2] or None  # model "generate:<adapter>"
-        params = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
-                                                    "do_sample": req.temperature > 0,
-                                                    "temperature": req.temperature if req.temperature > 0 else None,
-                                                    "adapter": adapter},
-                                alias | {"adapter": "model"})
+        params, c = self._validate(replica.task.name, {**params, "max_new_tokens": max_tokens, "stop": stop,
+                                                       "do_sample": req.temperature > 0,
+                                                       "temperature": req.temperature if req.temperature > 0 else None,
+                                                       "adapter": adapter},
+                                   alias | {"adapter": "model"})
         await self._use_adapter(replica.task.name, params)
         # Choosing the best of more sequences than are answered ranks them by their logprobs (0: the
         # chosen tokens' only); they are shown only when asked for.
@@ -485,7 +491,7 @@ class BloomEndpoint:
                 "model": replica.task.name + (f":{adapter}" if adapter else "")}
         if req.stream:
             self._hold(count=False)  # counted while the stream runs (a stream never started holds nothing)
-            c, prepared, groups = self._submit(prompts, params, field, listed, **request)
+            c, prepared, groups = self._submit(prompts, c, field, listed, **request)
             usage = bool(req.stream_options and req.stream_options.include_usage)
             head = {**head, "object": "chat.completion.chunk"} if chat else head
             return StreamingResponse(self._stream(head, c, prepared, groups, echo, usage, chat, logprobs),
@@ -493,7 +499,7 @@ class BloomEndpoint:
         self._hold()
         try:
             start = time.perf_counter()
-            c, prepared, groups = self._submit(prompts, params, field, listed, **request)
+            c, prepared, groups = self._submit(prompts, c, field, listed, **request)
             seqs = [seq for group in groups for seq in group]
             await self._wait(seqs)
             answer = []
@@ -597,13 +603,8 @@ class BloomEndpoint:
         token ids; encoding_format float or base64; dimensions only the model's own (else 400). The items
         are batched with the task's other requests (/v1/{task}), so they get what the job writes."""
         req = await self._body(request, EmbeddingRequest)
-        replica = next((r for r in self.replicas.values() if r.task.embeds), None)
-        if replica is None:
-            name = next(name for name, task in TASKS.items() if task.embeds)
-            raise ApiError(404, f"this endpoint does not serve task {name!r}", "model")
+        replica = self._pooling_replica("embeds", req.model, "embeddings")
         name, size = replica.task.name, replica.model.config.hidden_size
-        if req.model is not None and req.model != name:
-            raise ApiError(404, f"model {req.model!r} is not served here (embeddings serve: {name})", "model")
         if req.dimensions is not None and req.dimensions != size:
             raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have "
                                 f"{size} (send {size} or leave it out)", "dimensions")
@@ -615,6 +616,47 @@ class BloomEndpoint:
         tokens = sum(r["input_tokens"] for r in results)
         return {"object": "list", "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [embedding_item(i, r["embedding"], req.encoding_format) for i, r in enumerate(results)]}
+
+    def _pooling_replica(self, serves: str, model: str | None, route: str) -> BloomReplica:
+        """The replica of the task whose flag `serves` is set (Task.embeds, Task.classifies), for a route
+        that serves that kind of task; 404 when none is served, or `model` names another."""
+        replica = next((r for r in self.replicas.values() if getattr(r.task, serves)), None)
+        name = replica.task.name if replica else next(n for n, task in TASKS.items() if getattr(task, serves))
+        if replica is None:
+            raise ApiError(404, f"this endpoint does not serve task {name!r}", "model")
+        if model is not None and model != name:
+            raise ApiError(404, f"model {model!r} is not served here ({route} serve: {name})", "model")
+        return replica
+
+    @app.post("/classify")
+    async def classify_pooling(self, request: Request):
+        """vLLM's classification API over the task that classifies: the label and every class's probability
+        of each input text (`pooling`), batched with the task's /v1/{task} requests."""
+        req = await self._body(request, pooling.ClassifyRequest)
+        replica = self._pooling_replica("classifies", req.model, "/classify")
+        name, single = replica.task.name, isinstance(req.input, str)
+        rows = [replica.task.item_row(item, replica.config) for item in ([req.input] if single else req.input)]
+        results = (await self._label("vllm_classify", name, rows, {}, False, "input", listed=not single))["results"]
+        return pooling.answer(pooling.CLASSIFY_ID, name, [pooling.classify_item(i, r) for i, r in enumerate(results)],
+                              sum(r["input_tokens"] for r in results))
+
+    @app.post("/score")
+    async def score(self, request: Request):
+        """vLLM's score API over the task that embeds: the cosine similarity of text_1's and text_2's
+        embeddings, paired 1:1, 1:N or N:N (`pooling.score_pairs`); each text embedded once."""
+        req = await self._body(request, pooling.ScoreRequest)
+        replica = self._pooling_replica("embeds", req.model, "/score")
+        pairs = pooling.score_pairs(req.text_1, req.text_2)
+        sides = [[side] if isinstance(side, str) else side for side in (req.text_1, req.text_2)]
+        names = [field if isinstance(sent, str) else f"{field}[{i}]"
+                 for field, sent, side in zip(("text_1", "text_2"), (req.text_1, req.text_2), sides)
+                 for i in range(len(side))]
+        rows = [replica.task.item_row(text, replica.config) for side in sides for text in side]
+        results = (await self._label("score", replica.task.name, rows, {}, False, names=names))["results"]
+        first, second = results[:len(sides[0])], results[len(sides[0]):]
+        data = [pooling.score_item(k, pooling.cosine(first[i]["embedding"], second[j]["embedding"]))
+                for k, (i, j) in enumerate(pairs)]
+        return pooling.answer(pooling.SCORE_ID, replica.task.name, data, sum(r["input_tokens"] for r in results))
 
     # Declared last: /v1/completions, /v1/embeddings, /v1/models and /v1/stats match first.
     @app.post("/v1/{task}")

@@ -86,6 +86,7 @@ class Task:
     fields: ClassVar[list[tuple[str, pa.DataType]]]
     runs_on_engine: ClassVar[bool] = False
     embeds: ClassVar[bool] = False  # its output is an embedding: the endpoint's /v1/embeddings serves it
+    classifies: ClassVar[bool] = False  # its output is labels with every class's probability: /classify serves it
     demo_labels: ClassVar[dict | None] = None  # the labels of the demo checkpoint's head, where it has any
     head_hint: ClassVar[str] = ""  # what else to try when a checkpoint lacks the task's head
 

@@ -20,6 +20,7 @@ class Classify(Prompted):
     """A sequence-classification head, or zero-shot with a causal LM when candidate_labels are given."""
 
     name = "classify"
+    classifies = True
     demo_labels = {0: "negative", 1: "neutral", 2: "positive"}
     head_hint = " (or give candidate_labels for zero-shot classification with a causal LM)"
     fields = [("label", pa.string()), ("score", pa.float32()), ("labels", pa.list_(pa.string())),

@@ -46,7 +46,7 @@ def is_token_ids(value) -> bool:
 
 class Embed(Task):
     """The text column (or, from the endpoint, a list of token ids) → `embedding`, a fixed-size
-    list<float32> of the model's hidden size."""
+    list<float32> of the model's hidden size (a Delta table holds it as list<float32>: `delta.table_schema`)."""
 
     name = "embed"
     fields = [("embedding", pa.list_(pa.float32()))]  # fixed to the hidden size once the model is known

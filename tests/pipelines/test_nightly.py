@@ -409,3 +409,55 @@ def test_partitions_with_int_and_string_ids_read_as_one_table(ray_cluster, check
     with pytest.raises(ValueError, match=r"column 'lang' is string in date=2026-11-01.*double in date=2026-11-04"):
         run_nightly(cfg)
     assert not (out / "date=2026-11-04").exists() and sorted(read_ledger(out)["partitions"]) == sorted(ledger)
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "delta"])
+def test_an_embed_annotator_publishes_the_vectors_the_embed_task_gives(ray_cluster, checkpoints, tmp_path,
+                                                                       output_format):
+    """The embedding column is list<float32> in the published files and in the Delta table alike, and
+    holds what the embed task computes for each row."""
+    corpus = make_corpus(tmp_path / "corpus", {1: 6, 2: 4})
+    out = tmp_path / "out"
+    vec = {"name": "vec", "task": "embed", "model": str(checkpoints["embed"]), "dtype": "float32"}
+    topic = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    first = run_nightly(NightlyConfig(**settings(corpus, out, vec), output_format=output_format))
+    assert first["status"] == "succeeded", first["failed"]
+    # A second annotator reuses the published vectors (read back from the output, written again).
+    second = run_nightly(NightlyConfig(**settings(corpus, out, vec, topic), output_format=output_format))
+    assert second["status"] == "succeeded", second["failed"]
+    assert [p["reused"] for p in second["published"]] == [["vec"], ["vec"]]
+    files = [p for p in out.rglob("*.parquet") if not p.relative_to(out).parts[0].startswith("_")]
+    assert files and {str(pq.read_schema(p).field("vec_embedding").type) for p in files} == {"list<element: float>"}
+    if output_format == "delta":
+        from tests.pipelines.test_nightly_delta import read_all_ways
+
+        tables = read_all_ways(str(out), second["table_version"])  # deltalake, Polars, Ray Data
+    else:
+        tables = [published(out)]
+    rows = partition_rows(1, 6) + partition_rows(2, 4)
+    want = BloomReplica(LabelConfig(task="embed", model=str(checkpoints["embed"]), dtype="float32")).label_rows(rows)
+    for table in tables:
+        got = dict(zip(table.column("id").to_pylist(), table.column("vec_embedding").to_pylist()))
+        assert sorted(got) == sorted(r["id"] for r in rows)
+        for row, w in zip(rows, want):
+            assert len(got[row["id"]]) == len(w["embedding"])
+            assert max(abs(a - b) for a, b in zip(got[row["id"]], w["embedding"])) < 1e-5, row["id"]
+
+
+def test_the_annotators_configs_are_built_per_run_not_per_file(ray_cluster, checkpoints, tmp_path, monkeypatch):
+    """Assembling a partition reuses the run's annotator columns: the LabelConfigs the driver builds do
+    not grow with the files (at 20k files x 3 annotators, one per file cost ~16 s a run)."""
+    built = []
+    label_config = NightlyConfig.label_config
+    monkeypatch.setattr(NightlyConfig, "label_config", lambda self, *args: built.append(1) or label_config(self, *args))
+    topic = {"name": "topic", "task": "classify", "model": str(checkpoints["classify"])}
+    counts = []
+    for files in (1, 4):
+        corpus, out = tmp_path / f"corpus{files}", tmp_path / f"out{files}"
+        write_corpus(corpus / "date=2026-11-01", partition_rows(1, 8), files=files, row_group_size=5)
+        built.clear()
+        report = run_nightly(NightlyConfig(**settings(corpus, out, topic)))
+        assert report["status"] == "succeeded" and published(out).num_rows == 8
+        assert len(list((out / "date=2026-11-01").glob("*.parquet"))) == files
+        counts.append(len(built))
+    assert counts[0] == counts[1], counts

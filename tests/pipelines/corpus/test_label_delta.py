@@ -66,3 +66,32 @@ def test_a_bad_output_format_is_refused_naming_the_choices(capsys, tmp_path):
                         "--output-format", "csv"]) == 2
     err = capsys.readouterr().err
     assert "output_format" in err and "parquet" in err and "delta" in err and "csv" in err
+
+
+def test_embeddings_in_a_delta_output_have_the_tables_type_in_its_files(ray_cluster, checkpoints, tmp_path):
+    """Delta has no fixed-size list: the table declares list<float32>, and its data files hold the same
+    type (not the parts' fixed_size_list), so every reader gets what the table says."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    corpus = write_corpus(tmp_path / "corpus", corpus_rows(6), files=2)
+    out = tmp_path / "labels"
+    config = LabelConfig(task="embed", model=str(checkpoints["embed"]), input=[str(corpus)], output=str(out),
+                         output_format="delta", dtype="float32")
+    assert run_label_job(config)["status"] == "succeeded"
+    declared = pa.schema(table(out).schema().to_arrow()).field("embedding").type
+    files = [p for p in out.rglob("*.parquet") if not p.relative_to(out).parts[0].startswith("_")]
+    assert str(declared) == "list<element: float>"
+    assert files and {pq.read_schema(p).field("embedding").type for p in files} == {declared}
+    from pipelines.replica import BloomReplica
+
+    rows = corpus_rows(6)
+    want = {r["id"]: w["embedding"] for r, w in zip(rows, BloomReplica(config).label_rows(rows))}
+    for got in (table(out).to_pyarrow_table(), pl.read_delta(str(out)).to_arrow(),
+                pa.Table.from_pylist(ray.data.read_delta(str(out)).take_all())):
+        vectors = dict(zip(got.column("id").to_pylist(), got.column("embedding").to_pylist()))
+        assert sorted(vectors) == sorted(want) and len(vectors["r0000"]) == 64
+        for i, w in want.items():
+            assert max(abs(a - b) for a, b in zip(vectors[i], w)) < 1e-5, i
