@@ -128,6 +128,25 @@ def test_a_pool_smaller_than_a_prompt_keeps_its_first_blocks(lm):
     assert seq.output_ids == ref.output_ids
 
 
+def test_a_prefix_whose_blocks_lie_out_of_order_in_the_pool_is_copied_back_in_order(lm):
+    """Blocks are copied run by run (consecutive pool blocks in one copy): a prefix whose blocks were
+    handed out by eviction in reverse order, so in two runs, still gives the same tokens."""
+    rng = random.Random(6)
+    cached, plain = engines(lm, prefix_cache_tokens=3 * B)
+    one = GenerationParams(max_new_tokens=1, eos_token_id=())
+    ta, tb, tc = tokens(rng, B + 1), tokens(rng, 2 * B + 1), tokens(rng, 2 * B + 1)
+    cached.generate([ta], one)  # pool block 0
+    cached.generate([tb], one)  # blocks 1, 2
+    cached.generate([ta], one)  # ta used again: tb's second block, then its first, are the oldest
+    cached.generate([tc], one)  # tc's first block evicts into block 2, its second into block 1
+    p = cached.prefix
+    assert [e.index for e in p._matched(tc + [1], 0)] == [2, 1]
+    forget_slots(cached)
+    (seq,), (ref,) = cached.generate([tc + [5, 6]], GREEDY), plain.generate([tc + [5, 6]], GREEDY)
+    assert seq.output_ids == ref.output_ids
+    assert cached.stats()["prefix_tokens_reused"] == 2 * B + B  # ta's second use, then tc's two blocks
+
+
 def test_prompt_logprobs_are_computed_never_reused(lm):
     """Prompt logprobs come from the prompt's hidden states: a sequence asking for them prefills its whole
     prompt (and still fills the cache for others); its logprobs equal those of an engine without the cache."""
