@@ -205,6 +205,36 @@ def test_prompts_admitted_together_reuse_what_the_first_computes(lm):
     assert cached.stats()["prefix_tokens_reused"] >= 2 * (2 * B)
 
 
+@pytest.mark.parametrize("chunk", [3 * B, 5 * B, 8 * B])
+def test_a_burst_of_prompts_sharing_a_template_computes_it_once(lm, chunk):
+    """Prompts that arrive together, none cached: the later ones wait while the first computes the
+    template (rather than computing its blocks again alongside it), then take all of it from the cache."""
+    rng = random.Random(9)
+    template = tokens(rng, 4 * B + 3)
+    prompts = [template + tokens(rng, 3) for _ in range(4)]
+    cached, plain = engines(lm, prefill_chunk=chunk)
+    seqs = cached.generate(prompts, GREEDY)
+    assert [s.output_ids for s in seqs] == [r.output_ids for r in plain.generate(prompts, GREEDY)]
+    stats = cached.stats()
+    # The first prompt whole; each other one only the template's last 3 tokens (its 5th block is its own) and its own 3.
+    assert stats["prompt_tokens"] - stats["prefix_tokens_reused"] == len(prompts[0]) + 3 * 6
+    assert stats["prefix_tokens_reused"] == 3 * 4 * B
+
+
+def test_a_sequence_waiting_for_a_template_lets_the_ones_behind_it_prefill(lm):
+    cached, _ = engines(lm, prefill_chunk=64)
+    rng = random.Random(10)
+    template = tokens(rng, 2 * B + 3)
+    a, b, c = cached.submit(template + [1], GREEDY), cached.submit(template + [2], GREEDY), cached.submit(tokens(rng, 9), GREEDY)
+    cached._take_inbox()
+    decision = schedule(cached.waiting, cached.prefilling, cached.running, cached.cache.free_slots,
+                        cached.prefill_chunk, cached._reusable, cached._shared)
+    assert decision.admit == (a, b, c) and decision.prefill == ((a, 2 * B + 4), (c, 9)) and decision.reuse == ()
+    cached.step()
+    cached.step()  # b takes the template's two blocks from the cache
+    assert b.num_cached == len(b.prompt_ids) and cached.stats()["prefix_tokens_reused"] == 2 * B
+
+
 def test_the_scheduler_plans_a_reused_prefix_and_the_chunk_after_it(lm):
     cached, _ = engines(lm, prefill_chunk=40)
     rng = random.Random(8)
