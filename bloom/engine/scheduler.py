@@ -5,8 +5,8 @@ group of n waits for n free slots), which running sequences decode a token, whic
 their prefill take their prompt's beginning from the prefix cache, and which prompt chunks prefill,
 within `prefill_chunk` prompt tokens per step; a sequence whose prompt's beginning an earlier chunk of
 the same step is computing waits a step and takes it from the prefix cache, rather than computing it
-again beside it (a burst of prompts sharing a template computes it once). The engine applies it (slots, the forward,
-counters); calling `schedule` twice on the same state gives the same decision.
+again beside it (a burst of prompts sharing a template computes it once). The engine applies it
+(slots, the forward, counters); calling `schedule` twice on the same state gives the same decision.
 """
 
 from __future__ import annotations
