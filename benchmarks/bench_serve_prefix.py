@@ -8,6 +8,13 @@ per setting: TTFT p50 / p90 (the first streamed text's arrival) and generated to
 (every client sends `--per-client` requests one after the other, `--new-tokens` each, greedy, eos off).
 Before each round one request computes the prefix, as a running endpoint would have seen it.
 
+The clients pass a logit_bias of +100 on the tokens whose text is whole printable characters, so that
+every new token streams text at once, as a trained model's do. Without it, this random model's greedy
+tokens are mostly ids the tiny tokenizer has no text for, or pieces of a UTF-8 character, whose text
+the endpoint holds back: the first text came many tokens after the first token, and about half of the
+completions streamed no text before their end (their "TTFT" was their whole duration), which hid
+the prefill time the cache saves. `--timeline` prints each request's send time, TTFT and duration.
+
     python benchmarks/bench_serve_prefix.py                 # ~2 minutes on 2 cores
     python benchmarks/bench_serve_prefix.py --repeats 1 --per-client 1
 """
@@ -35,6 +42,11 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * (len(values) - 1)))]
 
 
+def whole_text(text: str) -> bool:
+    """Whether a token's text streams at once: not empty, no piece of a UTF-8 character, printable."""
+    return bool(text) and "\ufffd" not in text and text.isprintable()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=16)
@@ -44,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="rounds of each setting, alternating")
+    p.add_argument("--any-tokens", action="store_true",
+                   help="no logit_bias (the measurement before 2026-12-03 14:30: TTFT of the first text, held back)")
+    p.add_argument("--timeline", action="store_true", help="print every request's send time, TTFT and duration")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serve_prefix.json")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT.parent))
@@ -66,6 +81,11 @@ def main(argv=None) -> int:
     prefix = [rng.randrange(4, vocab) for _ in range(args.prefix)]
     prompts = [prefix + [rng.randrange(4, vocab) for _ in range(24)] for _ in range(args.clients * args.per_client + 1)]
 
+    from bloom import BloomTokenizerFast
+
+    tokenizer = BloomTokenizerFast.from_pretrained(lm)
+    printable = {} if args.any_tokens else {str(i): 100 for i in range(vocab) if whole_text(tokenizer.decode([i]))}
+
     base = local_serve()
 
     def deploy(prefix_cache: bool) -> None:
@@ -79,11 +99,13 @@ def main(argv=None) -> int:
         app, name, route_prefix, _ = app_from_config(config)
         serve.run(app, name=name, route_prefix=route_prefix)
 
+    timeline: list[tuple[float, float, float]] = []  # (sent, seconds to the first text, to the end) per request
+
     def stream(prompt) -> tuple[float, int]:
         """(seconds to the first text, generated tokens) of one streamed completion."""
         start, first, tokens = time.perf_counter(), None, 0
         body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, "logit_bias": printable or None}
         with requests.post(base + "/v1/completions", json=body, timeout=300, stream=True) as r:
             r.raise_for_status()
             for line in r.iter_lines(decode_unicode=True):
@@ -94,7 +116,9 @@ def main(argv=None) -> int:
                     first = time.perf_counter() - start
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-        return first if first is not None else time.perf_counter() - start, tokens
+        end = time.perf_counter() - start
+        timeline.append((start, first if first is not None else float("nan"), end))
+        return first if first is not None else end, tokens
 
     def client(k: int) -> list[tuple[float, int]]:
         return [stream(prompts[1 + k * args.per_client + j]) for j in range(args.per_client)]
@@ -104,6 +128,7 @@ def main(argv=None) -> int:
         for name in rounds:
             deploy(name == "on")
             stream(prompts[0])  # the prefix seen once before the round (and the replica warmed)
+            timeline.clear()
             start = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
                 done = [x for part in pool.map(client, range(args.clients)) for x in part]
@@ -116,6 +141,10 @@ def main(argv=None) -> int:
             print(f"prefix_cache {name:3s}: TTFT p50 {rounds[name][-1]['ttft_p50_ms']:7.1f} ms  "
                   f"p90 {rounds[name][-1]['ttft_p90_ms']:7.1f} ms  {rounds[name][-1]['tokens_per_s']:6.1f} tokens/s  "
                   f"hit rate {stats['prefix_hit_rate']:.1%}", flush=True)
+            if args.timeline:
+                print("    sent at ms   TTFT ms   end ms")
+                for sent, first, end in sorted(timeline):
+                    print(f"    {1000 * (sent - start):10.0f} {1000 * first:9.0f} {1000 * end:8.0f}")
     serve.shutdown()
     ray.shutdown()
 

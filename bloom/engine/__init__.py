@@ -18,7 +18,8 @@ stop strings, eos) and its output, streamed token by token. `Engine.step()` does
   1. take new sequences and aborts (an aborted sequence's slot is freed here, before any model call);
   2. admit waiting sequences in arrival order while a cache slot is free (the scheduler decides 2-3); a
      sequence whose prefill starts this step first copies its prompt's cached leading blocks from the
-     prefix cache into its slot and prefills only the rest;
+     prefix cache into its slot and prefills only the rest; one whose beginning an earlier chunk of the
+     step is computing waits a step for it, so a burst of prompts sharing a template computes it once;
   3. one forward for the whole step (`PackedAttention`): one token for every running sequence, plus up to
      `prefill_chunk` prompt tokens of the sequences being prefilled (several short prompts, or the next
      chunk of a long one), packed into one row without padding; so a long prompt delays the running

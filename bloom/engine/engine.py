@@ -256,7 +256,8 @@ class Engine:
     def _step(self) -> list[Sequence]:
         ended = self._take_inbox()
         decision = schedule(self.waiting, self.prefilling, self.running, self.cache.free_slots, self.prefill_chunk,
-                            self._reusable if self.prefix is not None else None)
+                            self._reusable if self.prefix is not None else None,
+                            self._shared if self.prefix is not None else None)
         self._admit(decision.admit)
         self._compact()  # running sequences into slots 0 .. R-1, where the decode rows read the cache in place
         if decision.idle:
@@ -335,6 +336,16 @@ class Engine:
         if seq.params.prompt_logprobs is not None:
             return 0
         return self.prefix.match(seq.prompt_ids, root_key(seq.params.adapter))
+
+    def _shared(self, seq: Sequence, other: Sequence, end: int) -> int:
+        """Prompt tokens the prefix cache could give seq once other's first `end` prompt tokens are cached
+        (for the scheduler): their common beginning in whole blocks, below seq's prompt length, under the
+        same adapter."""
+        if seq.params.prompt_logprobs is not None or seq.params.adapter != other.params.adapter:
+            return 0
+        a, b, B = seq.prompt_ids, other.prompt_ids, self.prefix.block
+        blocks = min(len(a) - 1, end) // B
+        return next((i for i in range(blocks) if a[i * B : (i + 1) * B] != b[i * B : (i + 1) * B]), blocks) * B
 
     def _reuse(self, plan: list[tuple[Sequence, int]], reuse: tuple[tuple[Sequence, int], ...]) -> None:
         """Copy the decided prompt beginnings from the prefix cache into their sequences' slots (after the

@@ -128,6 +128,25 @@ def test_a_pool_smaller_than_a_prompt_keeps_its_first_blocks(lm):
     assert seq.output_ids == ref.output_ids
 
 
+def test_a_prefix_whose_blocks_lie_out_of_order_in_the_pool_is_copied_back_in_order(lm):
+    """Blocks are copied run by run (consecutive pool blocks in one copy): a prefix whose blocks were
+    handed out by eviction in reverse order, so in two runs, still gives the same tokens."""
+    rng = random.Random(6)
+    cached, plain = engines(lm, prefix_cache_tokens=3 * B)
+    one = GenerationParams(max_new_tokens=1, eos_token_id=())
+    ta, tb, tc = tokens(rng, B + 1), tokens(rng, 2 * B + 1), tokens(rng, 2 * B + 1)
+    cached.generate([ta], one)  # pool block 0
+    cached.generate([tb], one)  # blocks 1, 2
+    cached.generate([ta], one)  # ta used again: tb's second block, then its first, are the oldest
+    cached.generate([tc], one)  # tc's first block evicts into block 2, its second into block 1
+    p = cached.prefix
+    assert [e.index for e in p._matched(tc + [1], 0)] == [2, 1]
+    forget_slots(cached)
+    (seq,), (ref,) = cached.generate([tc + [5, 6]], GREEDY), plain.generate([tc + [5, 6]], GREEDY)
+    assert seq.output_ids == ref.output_ids
+    assert cached.stats()["prefix_tokens_reused"] == 2 * B + B  # ta's second use, then tc's two blocks
+
+
 def test_prompt_logprobs_are_computed_never_reused(lm):
     """Prompt logprobs come from the prompt's hidden states: a sequence asking for them prefills its whole
     prompt (and still fills the cache for others); its logprobs equal those of an engine without the cache."""
@@ -184,6 +203,36 @@ def test_prompts_admitted_together_reuse_what_the_first_computes(lm):
     seqs = cached.generate(prompts, GREEDY)
     assert [s.output_ids for s in seqs] == [r.output_ids for r in plain.generate(prompts, GREEDY)]
     assert cached.stats()["prefix_tokens_reused"] >= 2 * (2 * B)
+
+
+@pytest.mark.parametrize("chunk", [3 * B, 5 * B, 8 * B])
+def test_a_burst_of_prompts_sharing_a_template_computes_it_once(lm, chunk):
+    """Prompts that arrive together, none cached: the later ones wait while the first computes the
+    template (rather than computing its blocks again alongside it), then take all of it from the cache."""
+    rng = random.Random(9)
+    template = tokens(rng, 4 * B + 3)
+    prompts = [template + tokens(rng, 3) for _ in range(4)]
+    cached, plain = engines(lm, prefill_chunk=chunk)
+    seqs = cached.generate(prompts, GREEDY)
+    assert [s.output_ids for s in seqs] == [r.output_ids for r in plain.generate(prompts, GREEDY)]
+    stats = cached.stats()
+    # The first prompt whole; each other one only the template's last 3 tokens (its 5th block is its own) and its own 3.
+    assert stats["prompt_tokens"] - stats["prefix_tokens_reused"] == len(prompts[0]) + 3 * 6
+    assert stats["prefix_tokens_reused"] == 3 * 4 * B
+
+
+def test_a_sequence_waiting_for_a_template_lets_the_ones_behind_it_prefill(lm):
+    cached, _ = engines(lm, prefill_chunk=64)
+    rng = random.Random(10)
+    template = tokens(rng, 2 * B + 3)
+    a, b, c = cached.submit(template + [1], GREEDY), cached.submit(template + [2], GREEDY), cached.submit(tokens(rng, 9), GREEDY)
+    cached._take_inbox()
+    decision = schedule(cached.waiting, cached.prefilling, cached.running, cached.cache.free_slots,
+                        cached.prefill_chunk, cached._reusable, cached._shared)
+    assert decision.admit == (a, b, c) and decision.prefill == ((a, 2 * B + 4), (c, 9)) and decision.reuse == ()
+    cached.step()
+    cached.step()  # b takes the template's two blocks from the cache
+    assert b.num_cached == len(b.prompt_ids) and cached.stats()["prefix_tokens_reused"] == 2 * B
 
 
 def test_the_scheduler_plans_a_reused_prefix_and_the_chunk_after_it(lm):
