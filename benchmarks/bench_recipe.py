@@ -19,6 +19,8 @@ ratio are printed with the machine.
     python benchmarks/bench_recipe.py --rows 48 --repeats 1 --modes fixed     # a quick look
     python benchmarks/bench_recipe.py --baseline 290bbbe --repeats 1   # and the job before the continuous feed
     python benchmarks/bench_recipe.py --baseline 290bbbe --repeats 1 --rows-per-batch 50 --modes varied
+    python benchmarks/bench_recipe.py --no-recipe --repeats 1 --modes fixed --rows 200    # growth: the job alone,
+    python benchmarks/bench_recipe.py --no-recipe --repeats 1 --modes fixed --rows 2000   #   at N and 10N rows
 """
 
 from __future__ import annotations
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["varied", "fixed"], choices=["varied", "fixed"])
     p.add_argument("--baseline", metavar="REV", help="also run the job of git revision REV; then both jobs run as "
                    "their script in a process of their own, the recipe in this one")
+    p.add_argument("--no-recipe", action="store_true", help="run only our job (growth: its rows/s at N and 10N rows)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_recipe.json")
     args = p.parse_args(argv)
 
@@ -246,8 +249,10 @@ def main(argv=None) -> int:
         fixed = mode == "fixed"
         recipe, ours, occupancy, base, base_occupancy = [], [], [], [], []
         for k in range(args.repeats):
-            seconds, tokens_r = run_recipe(corpus, work / f"recipe-{mode}-{k}", model_dir, dtype, fixed, cfg.eos_token_id)
-            recipe.append(seconds)
+            if not args.no_recipe:
+                seconds, tokens_r = run_recipe(corpus, work / f"recipe-{mode}-{k}", model_dir, dtype, fixed,
+                                               cfg.eos_token_id)
+                recipe.append(seconds)
             if baseline:
                 seconds, tokens_b, occ = run_job_script(baseline, corpus, work / f"base-{mode}-{k}", model_dir, fixed,
                                                         args.rows_per_batch)
@@ -261,9 +266,16 @@ def main(argv=None) -> int:
                 seconds, tokens_o, occ = run_ours(corpus, work / f"ours-{mode}-{k}", model_dir, fixed, args.rows_per_batch)
             ours.append(seconds)
             occupancy.append(occ)
-            print(f"  {mode} #{k + 1}: recipe {recipe[-1]:.1f} s ({tokens_r} tokens), ours {ours[-1]:.1f} s "
-                  f"({tokens_o} tokens, {occ} rows per step); load {os.getloadavg()[0]:.1f}", flush=True)
-        r, o = statistics.median(recipe), statistics.median(ours)
+            theirs = f"recipe {recipe[-1]:.1f} s ({tokens_r} tokens), " if recipe else ""
+            print(f"  {mode} #{k + 1}: {theirs}ours {ours[-1]:.1f} s ({tokens_o} tokens, {occ} rows per step, "
+                  f"{args.rows / ours[-1]:.1f} rows/s); load {os.getloadavg()[0]:.1f}", flush=True)
+        o = statistics.median(ours)
+        if not recipe:
+            results["modes"][mode] = {"ours_s": ours, "rows_per_s": args.rows / o, "ours_tokens": tokens_o,
+                                      "mean_batch_occupancy": occupancy}
+            print(f"{mode}: ours {o:.1f} s, {args.rows / o:.1f} rows/s", flush=True)
+            continue
+        r = statistics.median(recipe)
         results["modes"][mode] = {"recipe_s": recipe, "ours_s": ours, "speedup": r / o,
                                   "recipe_tokens": tokens_r, "ours_tokens": tokens_o,
                                   "mean_batch_occupancy": occupancy}

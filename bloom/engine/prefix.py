@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SlotKVCache
+from .cache import SlotKVCache, lazy_zeros
 
 DEFAULT_BLOCK = 16  # tokens per block: small enough that a prefix ending mid-block loses little
 ROOT = 0  # the "previous key" of a prompt's first block
@@ -76,9 +76,9 @@ class PrefixCache:
         self.cache, self.block = cache, block
         self.num_blocks = max_tokens // block
         # (H, num_blocks * block, D) per layer: blocks end to end, like one long slot
-        self.keys = [torch.zeros((k.shape[1], self.num_blocks * block, k.shape[3]), dtype=k.dtype, device=k.device)
+        self.keys = [lazy_zeros((k.shape[1], self.num_blocks * block, k.shape[3]), k.dtype, k.device)
                      for k in cache.keys]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.values = [lazy_zeros(k.shape, k.dtype, k.device) for k in self.keys]
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._free = list(range(self.num_blocks))[::-1]  # pop() gives the lowest: new blocks in a row
 

@@ -447,3 +447,19 @@ def test_the_default_cache_fits_sixteen_sequences_in_half_the_free_memory(lm):
     assert free_memory(torch.device("cpu")) > 0
     engine = Engine(lm, cache_tokens=fit_cache_tokens(lm, 64), max_seq_len=64)
     assert engine.cache.num_slots == 16 and engine.cache.nbytes == 16 * 64 * per_token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_caches_start_as_zeros_of_their_shape_and_dtype_and_take_writes(lm, dtype):
+    # The slot and prefix caches come from calloc'd pages on CPU (lazy_zeros): the masked positions a
+    # forward reads must be exact zeros, and the tensors must be ordinary writable ones.
+    from bloom.engine.cache import lazy_zeros
+
+    t = lazy_zeros((3, 2, 5, 4), dtype, torch.device("cpu"))
+    assert t.shape == (3, 2, 5, 4) and t.dtype == dtype and t.is_contiguous()
+    assert torch.equal(t, torch.zeros_like(t))
+    t[1, :, 2] = 7
+    assert t.sum().item() == 7 * 2 * 4
+    engine = Engine(lm, cache_tokens=2 * 32, max_seq_len=32)
+    assert all(torch.count_nonzero(b) == 0 for b in engine.cache.keys + engine.cache.values)
+    assert all(torch.count_nonzero(b) == 0 for b in engine.prefix.keys + engine.prefix.values)
