@@ -9,7 +9,9 @@ the logits (-inf outside) before the choice.
 Why llguidance: measured at BLOOM's 250,880 tokens (docs/engine.md) it computes a batch of 16 masks in
 about 1-2 ms for a JSON Schema and a regex alike, compiles a schema in about a millisecond (the offline
 job may carry one schema per row), takes Lark grammars, has no dependencies and releases the GIL, so
-the next step's masks are computed on a worker thread while the model runs (`prefetch`).
+the next step's masks can be computed on a worker thread while the model runs (`prefetch`), which the
+Constrainer does when torch leaves a CPU free; otherwise it computes them after the forward on every
+CPU (`Constrainer.overlap`).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def _problem(constraint: Constraint) -> str:
 class Constrainer:
     """One engine's constrained decoding: the tokenizer as llguidance sees it (built once, ~seconds at
     250k tokens), compiled specs (each distinct spec once, the most recent `cache_size` kept), and the
-    worker that computes the next masks while the model runs. `matcher` is safe from any thread; the
+    worker that computes the next masks while the model runs (with `overlap`). `matcher` is safe from any thread; the
     rest runs on the engine's thread."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | list[int], *, threads: int | None = None,

@@ -198,3 +198,20 @@ def test_masks_overlap_the_forward_only_when_torch_leaves_a_cpu_free(tokenizer):
     finally:
         torch.set_num_threads(threads)
     assert not Constrainer(tokenizer, len(tokenizer), [2], overlap=False).overlap
+
+
+def test_logprobs_of_a_constrained_row_are_the_models_own(engine, tokenizer, text_lm):
+    """A row asking logprobs gets the model's log_softmax, not the masked one; a batch where no row asks
+    lets the sampler mask the step's logits in place, and the tokens are the same either way."""
+    prompt = tokenizer.encode("Extract the people:")
+    spec = SPECS["json_schema"]
+    scored, plain = engine.generate([prompt, prompt], [GenerationParams(max_new_tokens=20, constraint=spec, logprobs=3),
+                                                       GenerationParams(max_new_tokens=20, constraint=spec)])
+    alone = engine.generate([prompt], GenerationParams(max_new_tokens=20, constraint=spec))[0]  # masked in place
+    assert scored.output_ids == plain.output_ids == alone.output_ids
+    with torch.inference_mode():
+        want = text_lm(torch.tensor([prompt + scored.output_ids])).logits[0].float().log_softmax(-1)
+    for k, (lp, top) in enumerate(scored.logprobs):
+        row = want[len(prompt) - 1 + k]
+        assert lp == pytest.approx(row[scored.output_ids[k]].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()  # the constraint's bans included
