@@ -26,6 +26,7 @@ import random
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 from bench_model import timed
@@ -218,8 +219,46 @@ def candidates(tokenizer) -> dict:
     return out
 
 
+def breakdown(engine, prompts, params) -> dict:
+    """One generate of `prompts` with `params`, timed by part: milliseconds per step of the forward, of the
+    masks (`Constrainer.allowed`: waiting for the prefetched ones, or computing them), of applying them
+    (`sampler.constrained`), of the matchers consuming the chosen tokens, and of the whole step; and the
+    number of steps. The parts are wrapped for this call only (the engine has run a constrained
+    generate before, so its Constrainer exists)."""
+    spent: dict[str, float] = {}
+
+    def timing(name, fn):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+        return wrapped
+
+    parts = [(engine.runner, "forward"), (sampler, "constrained"), (sampler, "consume"), (engine, "_step")]
+    if engine._constrainer is not None:
+        parts.append((engine._constrainer, "allowed"))
+    saved = [(owner, name, getattr(owner, name)) for owner, name in parts]
+    steps = engine.steps
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, timing(name, fn))
+        engine.generate(prompts, params)
+    finally:
+        for owner, name, fn in saved:
+            if isinstance(owner, types.ModuleType):
+                setattr(owner, name, fn)
+            else:
+                delattr(owner, name)  # the instance's attribute hid its class's method
+    steps = engine.steps - steps
+    names = {"forward": "forward", "allowed": "masks", "constrained": "apply", "consume": "consume", "_step": "step"}
+    return {"steps": steps, **{f"{names[k]}_ms": v / steps * 1e3 for k, v in spent.items()}}
+
+
 def throughput(model, tokenizer, kind: str, max_new_tokens: int, repeats: int) -> dict:
-    """Generated tokens/s at batch 16: constrained by `kind`, and free with the same lengths."""
+    """Generated tokens/s at batch 16: constrained by `kind`, and free with the same lengths; and where a
+    step's time goes in each (`breakdown`)."""
     prompts = [tokenizer.encode(SAMPLE_TEXT[i % len(SAMPLE_TEXT)])[:16] for i in range(BATCH)]
     slot = max(map(len, prompts)) + max_new_tokens
     engine = Engine(model, tokenizer, cache_tokens=BATCH * slot, max_seq_len=slot, prefill_chunk=256)
@@ -228,10 +267,13 @@ def throughput(model, tokenizer, kind: str, max_new_tokens: int, repeats: int) -
     free = [GenerationParams(max_new_tokens=n, eos_token_id=()) for n in lengths]
     times = timed({"constrained": lambda: engine.generate(prompts, constrained),
                    "free": lambda: engine.generate(prompts, free)}, repeats)
+    assert [len(s.output_ids) for s in engine.generate(prompts, free)] == lengths  # the same lengths, so the same steps
     tokens = sum(lengths)
     return {"tokens": tokens, "lengths": lengths, "seconds": times,
             "tok_s": {name: tokens / t for name, t in times.items()},
-            "ratio": times["free"] / times["constrained"], "free_step_ms": times["free"] / max(lengths) * 1e3}
+            "ratio": times["free"] / times["constrained"], "free_step_ms": times["free"] / max(lengths) * 1e3,
+            "overlap": engine._constrainer.overlap,
+            "breakdown": {"constrained": breakdown(engine, prompts, constrained), "free": breakdown(engine, prompts, free)}}
 
 
 def run(args) -> dict:
@@ -274,6 +316,11 @@ def show(results: dict) -> None:
         print(f"  generate {kind:11s}: {r['tokens']} tokens; constrained {r['tok_s']['constrained']:.1f} tok/s, free "
               f"{r['tok_s']['free']:.1f} tok/s: {r['ratio']:.2f}x; a free step {r['free_step_ms']:.0f} ms"
               + (f", mask if not overlapped {100 * share:.1f}% of it" if share is not None else ""))
+        for name, b in r.get("breakdown", {}).items():
+            print(f"    per step, {name:11s} ({b['steps']} steps): " + ", ".join(
+                f"{part} {b[part + '_ms']:.1f} ms" for part in ("step", "forward", "masks", "apply", "consume")
+                if part + "_ms" in b) + (f"; masks {'beside' if r['overlap'] else 'after'} the forward"
+                                         if name == "constrained" else ""))
 
 
 def add_arguments(p) -> None:

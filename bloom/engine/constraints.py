@@ -9,7 +9,9 @@ the logits (-inf outside) before the choice.
 Why llguidance: measured at BLOOM's 250,880 tokens (docs/engine.md) it computes a batch of 16 masks in
 about 1-2 ms for a JSON Schema and a regex alike, compiles a schema in about a millisecond (the offline
 job may carry one schema per row), takes Lark grammars, has no dependencies and releases the GIL, so
-the next step's masks are computed on a worker thread while the model runs (`prefetch`).
+the next step's masks can be computed on a worker thread while the model runs (`prefetch`), which the
+Constrainer does when torch leaves a CPU free; otherwise it computes them after the forward on every
+CPU (`Constrainer.overlap`).
 """
 
 from __future__ import annotations
@@ -150,20 +152,28 @@ def _problem(constraint: Constraint) -> str:
 class Constrainer:
     """One engine's constrained decoding: the tokenizer as llguidance sees it (built once, ~seconds at
     250k tokens), compiled specs (each distinct spec once, the most recent `cache_size` kept), and the
-    worker that computes the next masks while the model runs. `matcher` is safe from any thread; the
+    worker that computes the next masks while the model runs (with `overlap`). `matcher` is safe from any thread; the
     rest runs on the engine's thread."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | list[int], *, threads: int | None = None,
-                 cache_size: int = 256):
+                 overlap: bool | None = None, cache_size: int = 256):
         """tokenizer: a BloomTokenizerFast (or a tokenizers.Tokenizer); vocab_size: the model's (ids at or
         past the tokenizer's size are never allowed); eos_token_id: allowed once the structure is complete;
-        threads: llguidance's mask threads (default: a quarter of the CPUs, 1 to 8, so the model keeps most)."""
+        overlap: compute the next masks on a worker thread while the model runs (default: only when torch
+        leaves a CPU free, `torch.get_num_threads() < os.cpu_count()`), else on the engine's thread after
+        the forward; threads: llguidance's mask threads (default: with overlap the CPUs torch leaves free,
+        1 to 8; without, every CPU up to 8, as the forward is not running then)."""
         import llguidance
 
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos_token_id)
-        threads = threads or min(8, max(1, (os.cpu_count() or 1) // 4))
+        cpus, torch_threads = os.cpu_count() or 1, torch.get_num_threads()
+        # On a machine whose CPUs all run the forward (2 vCPUs: torch's 2 threads), a mask thread beside
+        # them slows every parallel region of the forward more than the masks cost when computed alone
+        # on all CPUs after it (docs/engine.md, "What a constraint costs").
+        self.overlap = torch_threads < cpus if overlap is None else overlap
+        threads = threads or min(8, max(1, cpus - torch_threads) if self.overlap else cpus)
         self._executor = llguidance.LLExecutor(num_threads=threads)
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._cache_size = cache_size
@@ -199,10 +209,11 @@ class Constrainer:
 
     def prefetch(self, seqs: list["Sequence"]) -> None:
         """Start computing the next masks of the constrained, unfinished `seqs` on the worker thread, so
-        they are ready when `allowed` asks for them after the next forward."""
+        they are ready when `allowed` asks for them after the next forward (with `overlap`; without, they
+        are computed when `allowed` asks)."""
         self._join()
         live = [s for s in seqs if s.sampling.matcher is not None and not s.finished]
-        if live:
+        if live and self.overlap:
             self._pending = (self._worker.submit(self._compute, [s.sampling.matcher for s in live]),
                              {s.id: i for i, s in enumerate(live)})
 

@@ -367,7 +367,8 @@ class Engine:
             if not rows:
                 return ended
         allowed = self._constrainer.allowed(rows) if self._constrainer is not None else None
-        tokens = sampler.sample(rows, logits, allowed)
+        # logits is this step's own copy (gathered rows): the sampler may change it unless logprobs read it
+        tokens = sampler.sample(rows, logits, allowed, scratch=all(s.logprobs is None for s in rows))
         for s, lp in zip(rows, sampler.logprobs(rows, logits, tokens)):
             if lp is not None:  # recorded before the token is emitted
                 s.logprobs.append(lp)

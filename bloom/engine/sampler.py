@@ -38,18 +38,19 @@ def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int,
 
 
 def sample(rows: list[Sequence], logits: torch.Tensor,
-           allowed: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
+           allowed: tuple[list[int], torch.Tensor] | None = None, *, scratch: bool = False) -> list[int]:
     """fp32 logits (B, V), one row per sequence → each sequence's next token. The logits are not changed
-    (OpenAI's settings and the constraints work on a copy). allowed: (row indices, their packed bitmasks
+    (OpenAI's settings and the constraints work on a copy) unless `scratch`: the caller needs them no
+    more, and they are changed in place (a (B, V) copy less per step). allowed: (row indices, their packed bitmasks
     (K, ceil(V / 32)) int32) the tokens the constrained rows may take. Draws from each sampled row's own
     generator and counts the token in its sampler state, and advances its constraint's matcher (the only
     state it moves on)."""
     states = [s.sampling for s in rows]
     adjusts = any(s.params.adjusts_logits for s in rows)
     if adjusts:
-        logits = adjusted(rows, logits.clone())
+        logits = adjusted(rows, logits if scratch else logits.clone())
     if allowed is not None:
-        logits = constrained(logits, *allowed, copy=not adjusts)
+        logits = constrained(logits, *allowed, copy=not (adjusts or scratch))
     seen = None
     if any(st.seen is not None for st in states):
         none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)

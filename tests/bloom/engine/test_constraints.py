@@ -3,6 +3,7 @@ free text does not), greedy and sampled, mixed with free sequences in one batch;
 sequence gets the same tokens whatever the batch holds; bad specs are refused at submit."""
 
 import json
+import os
 import random
 import re
 
@@ -161,3 +162,56 @@ def test_packed_masks_apply_as_a_masked_fill_would(B, rows, V):
     assert torch.equal(sampler.constrained(logits, rows, words, copy=True), want)
     assert torch.equal(logits, before)  # a copy
     assert torch.equal(sampler.constrained(logits, rows, words, copy=False), want)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_masks_computed_after_the_forward_give_the_tokens_of_masks_computed_beside_it(engine, tokenizer, do_sample):
+    """Where the next masks are computed (a worker thread during the forward, or the engine's thread after
+    it, on how many llguidance threads) changes no token, in a batch of every kind beside a free row."""
+    from bloom.engine.constraints import Constrainer
+
+    prompts = [tokenizer.encode(p) for p in PROMPTS] * 2
+    params = [GenerationParams(max_new_tokens=120, do_sample=do_sample, seed=i, constraint=c)
+              for i, c in enumerate([*SPECS.values(), None])]
+    eos, outputs, own = engine.model.config.eos_token_id, {}, engine._constrainer
+    try:
+        for overlap, threads in ((True, 1), (False, 1), (False, 2)):
+            engine._constrainer = Constrainer(tokenizer, engine.model.config.vocab_size, [eos], overlap=overlap,
+                                              threads=threads)
+            outputs[overlap, threads] = [s.output_ids for s in engine.generate(prompts, params)]
+            engine._constrainer.close()
+    finally:
+        engine._constrainer = own
+    assert outputs[True, 1] == outputs[False, 1] == outputs[False, 2]
+    assert all(valid(kind, tokenizer.decode(out, skip_special_tokens=True))
+               for kind, out in zip(SPECS, outputs[True, 1]))
+
+
+def test_masks_overlap_the_forward_only_when_torch_leaves_a_cpu_free(tokenizer):
+    from bloom.engine.constraints import Constrainer
+
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, os.cpu_count() or 1}:
+            torch.set_num_threads(n)
+            assert Constrainer(tokenizer, len(tokenizer), [2]).overlap == (n < (os.cpu_count() or 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert not Constrainer(tokenizer, len(tokenizer), [2], overlap=False).overlap
+
+
+def test_logprobs_of_a_constrained_row_are_the_models_own(engine, tokenizer, text_lm):
+    """A row asking logprobs gets the model's log_softmax, not the masked one; a batch where no row asks
+    lets the sampler mask the step's logits in place, and the tokens are the same either way."""
+    prompt = tokenizer.encode("Extract the people:")
+    spec = SPECS["json_schema"]
+    scored, plain = engine.generate([prompt, prompt], [GenerationParams(max_new_tokens=20, constraint=spec, logprobs=3),
+                                                       GenerationParams(max_new_tokens=20, constraint=spec)])
+    alone = engine.generate([prompt], GenerationParams(max_new_tokens=20, constraint=spec))[0]  # masked in place
+    assert scored.output_ids == plain.output_ids == alone.output_ids
+    with torch.inference_mode():
+        want = text_lm(torch.tensor([prompt + scored.output_ids])).logits[0].float().log_softmax(-1)
+    for k, (lp, top) in enumerate(scored.logprobs):
+        row = want[len(prompt) - 1 + k]
+        assert lp == pytest.approx(row[scored.output_ids[k]].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()  # the constraint's bans included
