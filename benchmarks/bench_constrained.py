@@ -123,7 +123,7 @@ def mask_cost(tokenizer, kind: str) -> dict:
     for k in range(max(map(len, walks))):
         live = [i for i in range(BATCH) if k < len(walks[i])]
         start = time.perf_counter()
-        allowed = constrainer._compute([matchers[i] for i in live])
+        allowed = constrainer.compute([matchers[i] for i in live])
         compute.append(time.perf_counter() - start)
         ways = [(apply, lambda: sampler.constrained(logits, live, allowed, copy=True)),
                 (unpacked, lambda: unpacked_fill(logits, live, allowed))]
@@ -236,7 +236,8 @@ def breakdown(engine, prompts, params) -> dict:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
         return wrapped
 
-    parts = [(engine.runner, "forward"), (sampler, "constrained"), (sampler, "consume"), (engine, "_step")]
+    parts = [(engine.runner, "forward"), (sampler, "constrained"), (sampler, "_settle"), (sampler, "consume"),
+             (engine, "_step")]
     if engine._constrainer is not None:
         parts.append((engine._constrainer, "allowed"))
     saved = [(owner, name, getattr(owner, name)) for owner, name in parts]
@@ -252,7 +253,8 @@ def breakdown(engine, prompts, params) -> dict:
             else:
                 delattr(owner, name)  # the instance's attribute hid its class's method
     steps = engine.steps - steps
-    names = {"forward": "forward", "allowed": "masks", "constrained": "apply", "consume": "consume", "_step": "step"}
+    names = {"forward": "forward", "allowed": "masks", "constrained": "apply", "consume": "consume", "_step": "step",
+             "_settle": "check"}
     return {"steps": steps, **{f"{names[k]}_ms": v / steps * 1e3 for k, v in spent.items()}}
 
 
@@ -318,7 +320,7 @@ def show(results: dict) -> None:
               + (f", mask if not overlapped {100 * share:.1f}% of it" if share is not None else ""))
         for name, b in r.get("breakdown", {}).items():
             print(f"    per step, {name:11s} ({b['steps']} steps): " + ", ".join(
-                f"{part} {b[part + '_ms']:.1f} ms" for part in ("step", "forward", "masks", "apply", "consume")
+                f"{part} {b[part + '_ms']:.1f} ms" for part in ("step", "forward", "masks", "apply", "check", "consume")
                 if part + "_ms" in b) + (f"; masks {'beside' if r['overlap'] else 'after'} the forward"
                                          if name == "constrained" else ""))
 

@@ -156,13 +156,14 @@ class Constrainer:
     rest runs on the engine's thread."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | list[int], *, threads: int | None = None,
-                 overlap: bool | None = None, cache_size: int = 256):
+                 overlap: bool | None = None, check_greedy: bool = True, cache_size: int = 256):
         """tokenizer: a BloomTokenizerFast (or a tokenizers.Tokenizer); vocab_size: the model's (ids at or
         past the tokenizer's size are never allowed); eos_token_id: allowed once the structure is complete;
         overlap: compute the next masks on a worker thread while the model runs (default: only when torch
         leaves a CPU free, `torch.get_num_threads() < os.cpu_count()`), else on the engine's thread after
-        the forward; threads: llguidance's mask threads (default: with overlap the CPUs torch leaves free,
-        1 to 8; without, every CPU up to 8, as the forward is not running then)."""
+        the forward; check_greedy: a greedy row's mask is computed only when its matcher refuses its
+        unmasked argmax (`checks`); threads: llguidance's mask threads (default: with overlap the CPUs torch leaves free,
+        1 to 8; without, none: the engine's thread computes them, one after another)."""
         import llguidance
 
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
@@ -173,8 +174,11 @@ class Constrainer:
         # them slows every parallel region of the forward more than the masks cost when computed alone
         # on all CPUs after it (docs/engine.md, "What a constraint costs").
         self.overlap = torch_threads < cpus if overlap is None else overlap
-        threads = threads or min(8, max(1, cpus - torch_threads) if self.overlap else cpus)
-        self._executor = llguidance.LLExecutor(num_threads=threads)
+        self.check_greedy = check_greedy
+        # Without overlap the masks are computed one after another on the engine's thread by default: a
+        # pool's threads spin a while after each batch of masks, into the next forward (docs/engine.md).
+        threads = threads or (min(8, max(1, cpus - torch_threads)) if self.overlap else 1)
+        self._executor = llguidance.LLExecutor(num_threads=threads) if self.overlap or threads > 1 else None
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -207,27 +211,41 @@ class Constrainer:
 
     # -- masks (engine thread)
 
+    def checks(self, seq: "Sequence") -> bool:
+        """Whether `seq`'s token is checked rather than masked: a constrained greedy row with no repetition
+        penalty. Its choice is its logits' argmax when its matcher takes that token (the first maximum over
+        all tokens is then the first maximum over the allowed ones, so the choice is the masked one); only
+        otherwise is its mask computed (`sampler.sample`). Inside a JSON string most tokens are allowed and
+        the argmax usually is, and those are the steps whose masks cost most (docs/engine.md)."""
+        return (self.check_greedy and seq.sampling.matcher is not None and not seq.params.do_sample
+                and seq.sampling.seen is None)
+
+    def masked(self, seq: "Sequence") -> bool:
+        """Whether `seq`'s mask is computed before sampling (constrained, and not `checks`)."""
+        return seq.sampling.matcher is not None and not self.checks(seq)
+
     def prefetch(self, seqs: list["Sequence"]) -> None:
         """Start computing the next masks of the constrained, unfinished `seqs` on the worker thread, so
         they are ready when `allowed` asks for them after the next forward (with `overlap`; without, they
         are computed when `allowed` asks)."""
         self._join()
-        live = [s for s in seqs if s.sampling.matcher is not None and not s.finished]
+        live = [s for s in seqs if self.masked(s) and not s.finished]
         if live and self.overlap:
-            self._pending = (self._worker.submit(self._compute, [s.sampling.matcher for s in live]),
+            self._pending = (self._worker.submit(self.compute, [s.sampling.matcher for s in live]),
                              {s.id: i for i, s in enumerate(live)})
 
     def allowed(self, rows: list["Sequence"]) -> tuple[list[int], torch.Tensor] | None:
         """(the indices of the constrained rows, their packed masks of the tokens they may take next: (K,
-        ceil(V / 32)) int32, see `_compute`), or None when no row is constrained. Uses the prefetched
-        masks, computing here the ones not prefetched (a sequence that has just finished its prompt)."""
-        index = [i for i, s in enumerate(rows) if s.sampling.matcher is not None]
+        ceil(V / 32)) int32, see `compute`), or None when no row is constrained. Uses the prefetched
+        masks, computing here the ones not prefetched (a sequence that has just finished its prompt). Rows
+        that `checks` are left to the sampler."""
+        index = [i for i, s in enumerate(rows) if self.masked(s)]
         pending, ready = self._join()
         if not index:
             return None
         missing = [i for i in index if rows[i].id not in ready]
         if missing:
-            extra = self._compute([rows[i].sampling.matcher for i in missing])
+            extra = self.compute([rows[i].sampling.matcher for i in missing])
             fresh = {rows[i].id: len(ready) + k for k, i in enumerate(missing)}
             pending = extra if pending is None else torch.cat([pending, extra])
             ready = {**ready, **fresh}
@@ -242,13 +260,17 @@ class Constrainer:
         self._pending = None
         return future.result(), ready
 
-    def _compute(self, matchers: list) -> torch.Tensor:
+    def compute(self, matchers: list) -> torch.Tensor:
         """Each matcher's next allowed tokens as llguidance packs them: (K, ceil(V / 32)) int32, bit j of
         word w set when token 32w + j is allowed; filled on llguidance's own threads, GIL released. Kept
         packed: the sampler applies the bits to the logits without a (K, V) bool mask
         (`sampler.constrained`)."""
         K, words = len(matchers), (self.vocab_size + 31) // 32
         bitmask = torch.empty(K, words, dtype=torch.int32)
+        if self._executor is None:  # one after another on this thread: no pool spinning beside the forward
+            for i, m in enumerate(matchers):
+                bitmask[i] = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.int32)[:words]
+            return bitmask
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                words * 4, K)
         return bitmask

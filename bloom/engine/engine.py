@@ -368,7 +368,8 @@ class Engine:
                 return ended
         allowed = self._constrainer.allowed(rows) if self._constrainer is not None else None
         # logits is this step's own copy (gathered rows): the sampler may change it unless logprobs read it
-        tokens = sampler.sample(rows, logits, allowed, scratch=all(s.logprobs is None for s in rows))
+        tokens = sampler.sample(rows, logits, allowed, scratch=all(s.logprobs is None for s in rows),
+                                constrainer=self._constrainer)
         for s, lp in zip(rows, sampler.logprobs(rows, logits, tokens)):
             if lp is not None:  # recorded before the token is emitted
                 s.logprobs.append(lp)

@@ -31,8 +31,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
 from .cache import SlotKVCache, lazy_zeros
 
 DEFAULT_BLOCK = 16  # tokens per block: small enough that a prefix ending mid-block loses little

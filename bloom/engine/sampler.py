@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import SamplingParams, next_token, sampling_params, token_logprobs
-from .constraints import consume
+from .constraints import Constrainer, consume
 from .params import GenerationParams
 from .sequence import SamplingState, Sequence
 
@@ -38,11 +38,14 @@ def sampling_state(params: GenerationParams, prompt: list[int], vocab_size: int,
 
 
 def sample(rows: list[Sequence], logits: torch.Tensor,
-           allowed: tuple[list[int], torch.Tensor] | None = None, *, scratch: bool = False) -> list[int]:
+           allowed: tuple[list[int], torch.Tensor] | None = None, *, scratch: bool = False,
+           constrainer: Constrainer | None = None) -> list[int]:
     """fp32 logits (B, V), one row per sequence → each sequence's next token. The logits are not changed
     (OpenAI's settings and the constraints work on a copy) unless `scratch`: the caller needs them no
     more, and they are changed in place (a (B, V) copy less per step). allowed: (row indices, their packed bitmasks
-    (K, ceil(V / 32)) int32) the tokens the constrained rows may take. Draws from each sampled row's own
+    (K, ceil(V / 32)) int32) the tokens the constrained rows may take; constrainer: the engine's, whose
+    greedy rows that `Constrainer.checks` are not in `allowed`: their argmax is checked against their
+    matcher, and their masks computed only where it refuses it. Draws from each sampled row's own
     generator and counts the token in its sampler state, and advances its constraint's matcher (the only
     state it moves on)."""
     states = [s.sampling for s in rows]
@@ -56,6 +59,8 @@ def sample(rows: list[Sequence], logits: torch.Tensor,
         none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen = torch.stack([none if st.seen is None else st.seen for st in states])
     tokens = next_token(logits, seen, SamplingParams.cat([st.row for st in states])).tolist()
+    if constrainer is not None:
+        _settle(rows, logits, tokens, constrainer)
     for st, token in zip(states, tokens):
         if st.seen is not None:
             st.seen[token] = True
@@ -63,6 +68,30 @@ def sample(rows: list[Sequence], logits: torch.Tensor,
             st.counts[token] += 1
     consume(rows, tokens)
     return tokens
+
+
+def _settle(rows: list[Sequence], logits: torch.Tensor, tokens: list[int], constrainer: Constrainer) -> None:
+    """The tokens of the greedy constrained rows left unmasked (`Constrainer.checks`), set in `tokens`: each
+    row's argmax where its matcher takes it, else the first maximum of its logits over the tokens its mask,
+    computed now, allows (ascending ids, so ties go to the lowest, as argmax over masked logits; no
+    allowed token: 0, as argmax over all -inf, which `consume` then refuses)."""
+    refused = [i for i, s in enumerate(rows)
+               if constrainer.checks(s) and s.sampling.matcher.validate_tokens([tokens[i]]) != 1]
+    if not refused:
+        return
+    masks = constrainer.compute([rows[i].sampling.matcher for i in refused]).to(logits.device)
+    for i, words in zip(refused, masks):
+        ids = allowed_ids(words, logits.shape[-1])
+        tokens[i] = int(ids[logits[i, ids].argmax()]) if len(ids) else 0
+
+
+def allowed_ids(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The token ids below `vocab_size` that a packed bitmask (ceil(V / 32),) int32 allows, ascending; read
+    from its nonzero words only (few outside a JSON string), never unpacking all V bits."""
+    bit = torch.arange(32, device=words.device, dtype=torch.int32)
+    at = words.nonzero().squeeze(1)
+    ids = (at[:, None] * 32 + bit)[((words[at, None] >> bit) & 1).bool()]
+    return ids[ids < vocab_size]
 
 
 _PENALTIES: dict[tuple, torch.Tensor] = {}

@@ -187,6 +187,55 @@ def test_masks_computed_after_the_forward_give_the_tokens_of_masks_computed_besi
                for kind, out in zip(SPECS, outputs[True, 1]))
 
 
+def test_allowed_ids_are_the_set_bits_of_a_packed_mask_in_ascending_order():
+    """Every bit of every word, the sign bit too (int32 words), and none at or past the vocabulary."""
+    from bloom.engine import sampler
+
+    V = 100
+    bits = torch.zeros(128, dtype=torch.bool)
+    bits[[0, 5, 31, 32, 63, 64, 99, 100, 127]] = True  # 100 and 127: past the vocabulary
+    words = (bits.view(4, 32).long() << torch.arange(32)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    assert sampler.allowed_ids(words, V).tolist() == [0, 5, 31, 32, 63, 64, 99]
+    assert sampler.allowed_ids(torch.zeros(4, dtype=torch.int32), V).tolist() == []
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_rows_checked_against_their_matcher_choose_the_masked_argmax(engine, tokenizer, overlap):
+    """A greedy constrained row whose mask is computed only when its matcher refuses its unmasked argmax
+    gets the tokens of a row masked every step: every kind, beside a free row and a sampled constrained row,
+    and with a logit_bias that pushes a token the constraint mostly refuses (the masked path); fewer masks."""
+    from bloom.engine.constraints import Constrainer
+
+    class Counting(Constrainer):
+        rows = 0
+
+        def compute(self, matchers):
+            self.rows += len(matchers)
+            return super().compute(matchers)
+
+    prompts = [tokenizer.encode(p) for p in PROMPTS] * 2
+    specs = [*SPECS.values(), None]
+    params = [GenerationParams(max_new_tokens=120, constraint=c) for c in specs]
+    params += [GenerationParams(max_new_tokens=60, constraint=specs[0], logit_bias={tokenizer.encode(" the")[0]: 8.0}),
+               GenerationParams(max_new_tokens=60, do_sample=True, seed=3, constraint=specs[1])]
+    prompts += prompts[:2]
+    eos, outputs, counted, own = engine.model.config.eos_token_id, {}, {}, engine._constrainer
+    try:
+        for check in (False, True):
+            engine._constrainer = Counting(tokenizer, engine.model.config.vocab_size, [eos], overlap=overlap,
+                                           check_greedy=check)
+            outputs[check] = [s.output_ids for s in engine.generate(prompts, params)]
+            counted[check] = engine._constrainer.rows
+            engine._constrainer.close()
+    finally:
+        engine._constrainer = own
+    assert outputs[True] == outputs[False]
+    assert counted[True] < counted[False]
+    assert all(valid(kind, tokenizer.decode(out, skip_special_tokens=True))
+               for kind, out in zip(SPECS, outputs[True]))
+
+
 def test_masks_overlap_the_forward_only_when_torch_leaves_a_cpu_free(tokenizer):
     from bloom.engine.constraints import Constrainer
 
