@@ -106,9 +106,7 @@ class BloomReplica:
                  max_new_tokens_cap: int | None = None):
         self.config = config  # the defaults; a request's settings are derived from it, never written to it
         self.task = TASKS[config.task]
-        self.num_threads = num_threads
-        if num_threads:
-            torch.set_num_threads(num_threads)  # for the calls that run on this thread
+        self.num_threads = num_threads  # set on each thread that runs the model (OpenMP's count is per thread)
         self._engine_lock = threading.Lock()
         self._told = [0] * len(ENGINE_COUNTS)  # the engine's counters when a batch last told them (counts_since_told)
         on_a_thread_that_ends(self._load, config, device, num_threads, max_new_tokens_cap)

@@ -345,3 +345,39 @@ def test_a_stream_read_after_its_sequence_ended_still_comes_token_by_token(check
     pieces = list(texts)
     assert pieces[-1][1]["generated_text"] == want["generated_text"] == "".join(t for t, _ in pieces)
     assert sum(1 for t, _ in pieces if t) > 1 and stop not in "".join(t for t, _ in pieces)
+
+
+def test_loading_leaves_no_openmp_team_behind(checkpoints):
+    """The model loads on a thread that ends (`on_a_thread_that_ends`): a live second OpenMP team beside
+    the engine's thread makes libgomp sleep between kernels. In a fresh process (no team yet), building
+    a generate replica of 2 threads leaves no new thread, where parallel work on the calling thread leaves
+    its OpenMP worker."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, threading, torch
+from pipelines.config import LabelConfig
+from pipelines.replica import BloomReplica
+def threads():
+    return {{t for t in os.listdir("/proc/self/task")}}
+config = LabelConfig(task="generate", model={str(checkpoints['generate'])!r}, dtype="float32")
+# torch.set_num_threads starts a process-wide pthreadpool (for XNNPACK) once, on whichever thread: not a team.
+warm = threading.Thread(target=torch.set_num_threads, args=(2,))
+warm.start()
+warm.join()
+before = threads()
+BloomReplica(config, num_threads=2)
+threading.Event().wait(0.2)  # let the ended thread's workers go
+after_replica = threads()
+torch.set_num_threads(2)
+a = torch.randn(256, 256)
+for _ in range(3):  # parallel work on this thread, which lives on
+    a @ a
+print(len(after_replica - before), len(threads() - after_replica))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    left_by_replica, left_by_calling_thread = map(int, out.stdout.split())
+    assert left_by_replica == 0
+    assert left_by_calling_thread == 1  # the check sees a team where one is left
