@@ -38,7 +38,7 @@ a view of the cache, with no copy. ALiBi positions and the causal mask come from
 Knobs (constructor arguments):
   cache_tokens   the KV cache budget in tokens (memory: 2 · n_layer · cache_tokens · hidden_size · dtype
                  bytes); with max_seq_len it sets how many sequences run at once (the decode batch).
-                 `fit_cache_tokens` sizes it for 16 sequences within half the free memory (the labeling
+                 `fit_cache_tokens` sizes it for 64 sequences within half the free memory (the labeling
                  job's and the endpoint's default).
   max_seq_len    the most tokens one sequence may hold, prompt + max_new_tokens (a slot's size).
   prefill_chunk  prompt tokens per step (default 256): smaller keeps the running streams' time per

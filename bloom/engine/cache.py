@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-DEFAULT_SLOTS = 16  # sequences a cache holds by default (see fit_cache_tokens)
+DEFAULT_SLOTS = 64  # sequences a cache holds by default (see fit_cache_tokens)
 
 
 def free_memory(device: torch.device) -> int:

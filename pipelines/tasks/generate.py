@@ -202,7 +202,7 @@ class Generate(Prompted):
         the longest prompt plus the most new tokens a request may ask for (cap, else c.max_new_tokens)."""
         longest = c.max_input_tokens + max(c.max_new_tokens, cap or 0)
         check_cache_tokens(c.cache_tokens, longest)
-        # Unset, the cache holds 16 sequences, or fewer where they would take over half the memory left
+        # Unset, the cache holds 64 sequences, or fewer where they would take over half the memory left
         # after loading the model (at least one).
         cache_tokens = c.cache_tokens or fit_cache_tokens(rt.model, longest)
         rt.engine = Engine(rt.model, rt.tokenizer, cache_tokens=cache_tokens, max_seq_len=longest,

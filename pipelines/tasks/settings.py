@@ -173,8 +173,8 @@ _DECLARED = [
             "left free)", role="resource", ge=0, flag="--cpus-per-actor"),
     Setting("batch_token_budget", int, 8192, "padded tokens per forward pass", role="resource", ge=1),
     Setting("cache_tokens", Optional[int], None, "the engine's KV cache in tokens, in slots of max input + max "
-            "new tokens (default: 16 slots, fewer if over half the free memory)", role="resource", tasks=GEN),
-    Setting("prefill_chunk", int, 256, "prompt tokens the engine prefills per step", role="resource", tasks=GEN,
+            "new tokens (default: 64 slots, fewer if over half the free memory)", role="resource", tasks=GEN),
+    Setting("prefill_chunk", int, 1024, "prompt tokens the engine prefills per step", role="resource", tasks=GEN,
             ge=1),
     Setting("prefix_cache", bool, True, "reuse the keys and values of prompt beginnings that rows share (generate: "
             "the engine's prefix cache, across rows and requests; zero-shot classify: a batch's common prefix, "

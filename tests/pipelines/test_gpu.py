@@ -31,7 +31,7 @@ def test_the_gpu_replica_sizes_its_cache_against_the_gpus_free_memory(checkpoint
     config = LabelConfig(task="generate", model=str(checkpoints["generate"]), dtype="float32", max_new_tokens=6)
     rep = BloomReplica(config, device="cuda")
     cache = rep.engine.cache
-    assert cache.keys[0].device.type == "cuda" and cache.num_slots == 16  # a tiny model: 16 fit easily
+    assert cache.keys[0].device.type == "cuda" and cache.num_slots == 64  # a tiny model: 64 fit easily
     # no more than half of what was free before the cache was allocated
     assert cache.nbytes <= 0.5 * (free_memory(torch.device("cuda")) + cache.nbytes)
     # Where half the GPU's free memory holds fewer than 16, fewer are taken.

@@ -62,10 +62,10 @@ def test_generate_equals_model_generate_row_by_row(checkpoints):
         assert res["id"] == row["id"] and res["error"] is None
 
 
-def test_the_generation_cache_holds_sixteen_sequences_by_default(checkpoints):
+def test_the_generation_cache_holds_sixty_four_sequences_by_default(checkpoints):
     # Before, the default was the batch token budget: 8192 // (1024 + 6) = 7 sequences at a time.
     rep = replica(checkpoints, "generate", max_new_tokens=6)
-    assert rep.engine.cache.num_slots == 16 and rep.engine.cache.max_seq_len == 1024 + 6
+    assert rep.engine.cache.num_slots == 64 and rep.engine.cache.max_seq_len == 1024 + 6
     assert replica(checkpoints, "generate", max_new_tokens=6, cache_tokens=3000).engine.cache.num_slots == 2
 
 

@@ -435,18 +435,18 @@ def test_a_prompt_can_be_scored_without_generating(lm):
     assert engine.stats()["slots_used"] == 0
 
 
-def test_the_default_cache_fits_sixteen_sequences_in_half_the_free_memory(lm):
+def test_the_default_cache_fits_sixty_four_sequences_in_half_the_free_memory(lm):
     from bloom.engine import fit_cache_tokens, free_memory
 
     cfg = lm.config
     per_token = 2 * cfg.n_layer * cfg.hidden_size * 4  # keys and values of every layer, float32
-    assert fit_cache_tokens(lm, 100, free=lambda device: 10**12) == 16 * 100
+    assert fit_cache_tokens(lm, 100, free=lambda device: 10**12) == 64 * 100
     # half of what is free holds 3.5 sequences: 3 slots
     assert fit_cache_tokens(lm, 100, free=lambda device: 2 * 350 * per_token) == 3 * 100
     assert fit_cache_tokens(lm, 100, free=lambda device: 0) == 100  # always one
     assert free_memory(torch.device("cpu")) > 0
     engine = Engine(lm, cache_tokens=fit_cache_tokens(lm, 64), max_seq_len=64)
-    assert engine.cache.num_slots == 16 and engine.cache.nbytes == 16 * 64 * per_token
+    assert engine.cache.num_slots == 64 and engine.cache.nbytes == 64 * 64 * per_token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
