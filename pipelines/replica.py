@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,21 +78,8 @@ def on_a_thread_that_ends(fn, *args):
     between kernels and every kernel waits to wake them (futex calls of ~50 us against ~3 us). The
     engine's steps ran 1.3-1.6x slower so on the 2-vCPU EPYC (bench_recipe's 200 rows, 32 new tokens:
     13-18 s against 10-12 s). A thread that ends takes its team with it."""
-    out: list = []
-
-    def run():
-        try:
-            out.append((True, fn(*args)))
-        except BaseException as exc:  # raised again on the caller's thread
-            out.append((False, exc))
-
-    thread = threading.Thread(target=run, name="bloom-load")
-    thread.start()
-    thread.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix="bloom-load") as pool:  # leaving joins its thread
+        return pool.submit(fn, *args).result()
 
 
 class BloomReplica:

@@ -34,7 +34,7 @@ def test_the_gpu_replica_sizes_its_cache_against_the_gpus_free_memory(checkpoint
     assert cache.keys[0].device.type == "cuda" and cache.num_slots == 64  # a tiny model: 64 fit easily
     # no more than half of what was free before the cache was allocated
     assert cache.nbytes <= 0.5 * (free_memory(torch.device("cuda")) + cache.nbytes)
-    # Where half the GPU's free memory holds fewer than 16, fewer are taken.
+    # Where half the GPU's free memory holds fewer than 64, fewer are taken.
     per_slot = cache.nbytes // cache.num_slots
     assert fit_cache_tokens(rep.model, cache.max_seq_len, free=lambda d: 2 * 3 * per_slot) == 3 * cache.max_seq_len
 
