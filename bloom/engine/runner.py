@@ -27,8 +27,9 @@ class PackedAttention:
     see all N = R + sum(n_j) tokens as one (1, N, C) batch, so a step costs one forward however many
     prompts join it, and nothing is computed for padding. Only attention needs to know the rows: `attend`
     writes each new token's key and value at its position in its slot, then
-      - the R decode queries attend together over a view of slots 0 .. R-1 (no copy), right-padded to
-        the longest of them, max(c_i) + 1 keys; the mask hides each row's padding;
+      - the R decode queries attend together over slots 0 .. R-1 (a view; on CPU in bf16 a copy, which
+        is faster there), right-padded to the longest of them, max(c_i) + 1 keys; the mask hides each
+        row's padding;
       - each prompt chunk attends over its own slot's first c_j + n_j keys, causally.
     ALiBi positions are each row's own token positions 0, 1, 2, ... (the mask's cumulative sum, as in
     BloomModel), so a row's result does not depend on what else is in the step."""
@@ -76,9 +77,14 @@ class PackedAttention:
         for buf, new in ((keys, k), (values, v)):
             buf.view(-1, buf.shape[-1]).index_copy_(0, rows, new[0].transpose(0, 1).reshape(-1, buf.shape[-1]))
         out, R = [], self.R
-        if R:  # (R, H, 1, D) queries over slots 0 .. R-1, in place
-            y, _ = attention(q[0, :, :R].transpose(0, 1)[:, :, None], keys[:R, :, : self.end],
-                             values[:R, :, : self.end], biases[0], scale)
+        if R:  # (R, H, 1, D) queries over slots 0 .. R-1
+            k_, v_ = keys[:R, :, : self.end], values[:R, :, : self.end]
+            if keys.device.type == "cpu" and keys.dtype != torch.float32:
+                # A bf16 batched product over this view (each slot's first `end` keys, not one block) is
+                # slower on CPU than copying the keys out first: bench_recipe's fixed-length engine run,
+                # 8.2 s against 9.0 s (median of 8, interleaved). In fp32 the copy costs more than it saves.
+                k_, v_ = k_.contiguous(), v_.contiguous()
+            y, _ = attention(q[0, :, :R].transpose(0, 1)[:, :, None], k_, v_, biases[0], scale)
             out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, H, R, D)
         for j, (slot, c, n) in enumerate(self.chunks):
             o = self.offsets[R + j]
