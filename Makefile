@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_profile.py
 	$(PY) benchmarks/bench_quant.py
 	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_gemv.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_pipeline.py --hidden 1024 --layers 12 --rows 1200 --fixed-timed-rows 400 --out benchmarks/results/bench_pipeline_1024x12.json
 	$(PY) benchmarks/bench_serve.py

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import describe, machine, write_results
+from common import describe, export, machine, write_results
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -200,16 +200,6 @@ def run_job_script(code: Path, corpus: Path, out: Path, model_dir: Path, fixed: 
     seconds = time.perf_counter() - start
     report = json.loads((out / "_report.json").read_text())
     return seconds, report["generated_tokens_this_run"], report["mean_batch_occupancy"]
-
-
-def export(rev: str, directory: Path) -> Path:
-    """The code of git revision `rev` of this repository, in `directory`."""
-    archive = subprocess.run(["git", "-C", str(ROOT.parent), "archive", rev], capture_output=True)
-    if archive.returncode:
-        raise SystemExit(f"--baseline {rev}: git archive failed: {archive.stderr.decode().strip()}")
-    directory.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
-    return directory
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,6 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import describe, machine, read_results, write_results
+from common import against_baseline, describe, machine, write_results
 
 ROOT = Path(__file__).resolve().parent
 
@@ -191,33 +190,7 @@ FIGURES = [("generated tokens/s, mixed max_tokens", ("throughput", "generated_to
 def compare(args, argv: list[str]) -> int:
     """Run this script on the baseline's code and on this tree, alternating, each in its own process (and
     its own Ray); print each figure's medians and this tree's ratio to the baseline."""
-    tmp = Path(tempfile.mkdtemp())
-    baseline = tmp / "baseline"
-    baseline.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT.parent), "archive", args.baseline], capture_output=True)
-    if archive.returncode:
-        raise SystemExit(f"--baseline {args.baseline}: git archive failed (a clone with its history is needed): "
-                         f"{archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
-    passed = []  # this run's arguments without --baseline/--repeats/--out
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--baseline", "--repeats", "--out"):
-            skip = True
-        elif not a.startswith(("--baseline=", "--repeats=", "--out=")):
-            passed.append(a)
-    runs: dict[str, list[dict]] = {"baseline": [], "this tree": []}
-    for r in range(args.repeats):
-        for name, code in (("baseline", baseline), ("this tree", ROOT.parent)):
-            out = tmp / f"{name.replace(' ', '_')}-{r}.json"
-            print(f"--- {name} ({args.baseline if name == 'baseline' else 'working tree'}), run {r + 1}", flush=True)
-            # Ray puts its driver's working directory first on its workers' path: run in the code's folder.
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), *passed, "--code", str(code), "--out", str(out)],
-                           check=True, cwd=code)
-            (result,) = read_results(out).values()  # the file holds this machine's run only
-            runs[name].append(result)
+    runs = against_baseline(Path(__file__), args.baseline, argv, args.repeats)
 
     def figure(result, path):
         for key in path:

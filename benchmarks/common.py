@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "sha_ni")
@@ -84,6 +85,48 @@ def write_results(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machines": machines}, indent=2, default=str) + "\n")
     print(f"wrote {out} ({len(machines)} machine{'s' * (len(machines) > 1)}: {', '.join(machines)})")
+
+
+def export(rev: str, directory: Path) -> Path:
+    """The code of git revision `rev` of this repository, extracted into `directory` (created)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--baseline {rev}: git archive failed (a clone with its history is needed): "
+                         f"{archive.stderr.decode().strip()}")
+    directory.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
+
+
+def against_baseline(script: Path, rev: str, argv: list[str], repeats: int) -> dict[str, list[dict]]:
+    """Run `script` (a benchmark with a hidden `--code DIR` argument: the tree whose bloom and pipelines
+    it imports) on the code of git revision `rev` and on this tree, alternating `repeats` times, each in
+    its own process (and its own Ray), with `argv` less --baseline, --repeats and --out.
+    {"baseline": [results], "this tree": [results]}: each run's results for this machine."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp())
+    baseline = export(rev, tmp / "baseline")
+    passed, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--baseline", "--repeats", "--out"):
+            skip = True
+        elif not a.startswith(("--baseline=", "--repeats=", "--out=")):
+            passed.append(a)
+    runs: dict[str, list[dict]] = {"baseline": [], "this tree": []}
+    for r in range(repeats):
+        for name, code in (("baseline", baseline), ("this tree", Path(script).resolve().parent.parent)):
+            out = tmp / f"{name.replace(' ', '_')}-{r}.json"
+            print(f"--- {name} ({rev if name == 'baseline' else 'working tree'}), run {r + 1}", flush=True)
+            # Ray puts its driver's working directory first on its workers' path: run in the code's folder.
+            subprocess.run([sys.executable, str(Path(script).resolve()), *passed, "--code", str(code), "--out", str(out)],
+                           check=True, cwd=code)
+            (result,) = read_results(out).values()  # the file holds this machine's run only
+            runs[name].append(result)
+    return runs
 
 
 def bench_main(argv, doc: str, out: Path, add_arguments, run, show) -> int:

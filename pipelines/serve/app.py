@@ -572,18 +572,24 @@ class BloomEndpoint:
                 ready.put_nowait((k, e))
 
         pumps = [asyncio.create_task(pump(k, choice_pieces(replica, seq, c, echo))) for k, seq in enumerate(seqs)]
-        begun = set()
+        begun, events, ended = set(), [], 0
         try:
-            for _ in range(len(seqs)):
-                while (item := await ready.get())[1] is not None:
-                    k, piece = item
-                    if isinstance(piece, Exception):
-                        raise piece
+            while ended < len(seqs):
+                k, piece = await ready.get()
+                if piece is None:
+                    ended += 1
+                elif isinstance(piece, Exception):
+                    raise piece
+                elif piece[0] or piece[1] or piece[2]:  # (text, result, logprobs)
                     text, result, lp = piece
-                    if text or lp or result:
-                        choice = make_choice(k, text, lp, result, chat, logprobs, streamed=True, first=k not in begun)
-                        begun.add(k)
-                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                    choice = make_choice(k, text, lp, result, chat, logprobs, streamed=True, first=k not in begun)
+                    begun.add(k)
+                    events.append(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n")
+                if events and ready.empty():
+                    # The events ready now go out as one chunk: under load a stream falls behind its tokens,
+                    # and each chunk is a message from the replica to Serve's proxy.
+                    yield "".join(events)
+                    events = []
             for seq in seqs:
                 self._observe(seq)
             if usage:
