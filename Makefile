@@ -55,7 +55,7 @@ bench: install
 	$(PY) benchmarks/bench_prefix.py
 	$(PY) benchmarks/bench_constrained.py
 	$(PY) benchmarks/bench_embed.py
-	$(PY) benchmarks/bench_serve_prefix.py
+	$(PY) benchmarks/bench_serve_prefix.py --baseline 95b6b18
 	$(PY) benchmarks/bench_engine.py --hidden 1024 --vocab 16384 --repeats 1 --out benchmarks/results/bench_engine_1024.json
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_delta.py
