@@ -81,8 +81,9 @@ class PackedAttention:
             k_, v_ = keys[:R, :, : self.end], values[:R, :, : self.end]
             if keys.device.type == "cpu" and keys.dtype != torch.float32:
                 # A bf16 batched product over this view (each slot's first `end` keys, not one block) is
-                # slower on CPU than copying the keys out first: bench_recipe's fixed-length engine run,
-                # 8.2 s against 9.0 s (median of 8, interleaved). In fp32 the copy costs more than it saves.
+                # slower on CPU than copying the keys out first: bench_recipe's 200 rows at fixed lengths
+                # through a replica in-process, 8.2 s against 9.0 s (median of 8, interleaved). In fp32
+                # the copy costs more than it saves.
                 k_, v_ = k_.contiguous(), v_.contiguous()
             y, _ = attention(q[0, :, :R].transpose(0, 1)[:, :, None], k_, v_, biases[0], scale)
             out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, H, R, D)
