@@ -71,3 +71,81 @@ def test_sigkill_of_a_driver_that_started_local_ray_leaves_no_ray_process(checkp
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp, ignore_errors=True)
+
+
+HARNESS = r"""
+import os, signal, sys, time
+import pipelines.reaper as reaper
+
+node_id, node, child_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+scan = reaper.node_processes
+calls = []
+
+def node_processes(nid):
+    # The scan the kill is planned from; right after it, the node starts a worker (as a raylet may).
+    pids = scan(nid)
+    if not calls:
+        os.kill(node, signal.SIGUSR1)
+        while not os.path.exists(child_file):
+            time.sleep(0.01)
+    calls.append(len(pids))
+    return pids
+
+reaper.node_processes = node_processes
+reaper.GRACE_S = 0.0  # the first scan is the last before the kill
+read, write = os.pipe()
+os.close(write)  # the driver has already gone
+driver = os.getpid()
+reaper.main(node_id, read, driver)
+"""
+
+NODE = r"""
+import os, signal, sys, time
+child_file = sys.argv[1]
+
+def start_worker(*_):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    with open(child_file + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.rename(child_file + ".tmp", child_file)
+
+signal.signal(signal.SIGUSR1, start_worker)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed and not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_worker_started_after_the_last_scan_is_killed_too(tmp_path):
+    node_id = "feedc0de" * 7
+    child_file = tmp_path / "worker.pid"
+    env = {**os.environ, "RAY_NODE_ID": node_id, "PYTHONPATH": str(ROOT)}
+    node = subprocess.Popen([sys.executable, "-c", NODE, str(child_file)], env=env, stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        assert node.stdout.readline().strip() == "ready"
+        harness_env = {k: v for k, v in env.items() if k != "RAY_NODE_ID"}  # the reaper is not the node's
+        subprocess.run([sys.executable, "-c", HARNESS, node_id, str(node.pid), str(child_file)], env=harness_env,
+                       check=True, timeout=60)
+        worker = int(child_file.read_text())
+        node.wait(timeout=10)
+        assert node.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(worker), "the worker the node started after the reaper's last scan is still running"
+    finally:
+        for pid in (node.pid, worker):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
