@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         config = yaml.safe_load((args.code / "serve_config.yaml").read_text())
         application = config["applications"][0]
         generate = {"model": str(lm), "max_input_tokens": args.prefix + 64, "dtype": "float32"}
-        if len(settings) > 1:
+        if "on" in settings:  # the tree has the setting
             generate["prefix_cache"] = prefix_cache
         application["args"].update(max_new_tokens_cap=args.new_tokens, tasks={"generate": generate})
         application["deployments"][0].update(autoscaling_config=None, num_replicas=1,

@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "sha_ni")
@@ -104,8 +105,6 @@ def against_baseline(script: Path, rev: str, argv: list[str], repeats: int) -> d
     it imports) on the code of git revision `rev` and on this tree, alternating `repeats` times, each in
     its own process (and its own Ray), with `argv` less --baseline, --repeats and --out.
     {"baseline": [results], "this tree": [results]}: each run's results for this machine."""
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp())
     baseline = export(rev, tmp / "baseline")
     passed, skip = [], False

@@ -59,15 +59,15 @@ def _stat(pid: int) -> tuple[int, str] | None:
     return int(fields[1]), fields[19]
 
 
-def descendants(root: int) -> dict[int, str]:
-    """pid -> start time of every process below `root` in the process tree."""
+def descendants(*roots: int) -> dict[int, str]:
+    """pid -> start time of every process below the `roots` in the process tree (one scan of /proc)."""
     children: dict[int, list[int]] = {}
     started = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and (info := _stat(int(proc.name))):
             children.setdefault(info[0], []).append(int(proc.name))
             started[int(proc.name)] = info[1]
-    out, todo = {}, list(children.get(root, []))
+    out, todo = {}, [pid for root in roots for pid in children.get(root, [])]
     while todo:
         pid = todo.pop()
         out[pid] = started[pid]
@@ -97,8 +97,7 @@ def main(node_id: str, fd: int, driver: int) -> None:
     # left that worker, forked after the last record, running (about once in four runs of test_reaper's
     # SIGKILL test).
     for _ in range(KILL_ROUNDS):
-        for pid in list(targets):  # with what they started since the last record, before they go
-            targets |= set(descendants(pid))
+        targets |= set(descendants(*targets))  # with what they started since the last record, before they go
         for pid in targets:
             try:
                 os.kill(pid, signal.SIGKILL)

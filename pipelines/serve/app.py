@@ -586,11 +586,13 @@ class BloomEndpoint:
         try:
             while ended < len(seqs):
                 k, piece = await ready.get()
+                if isinstance(piece, Exception):
+                    if events:  # what came before the failure still goes out
+                        yield "".join(events)
+                    raise piece
                 if piece is None:
                     ended += 1
-                elif isinstance(piece, Exception):
-                    raise piece
-                elif piece[0] or piece[1] or piece[2]:  # (text, result, logprobs)
+                elif any(piece):  # (text, result, logprobs)
                     text, result, lp = piece
                     choice = make_choice(k, text, lp, result, chat, logprobs, streamed=True, first=k not in begun)
                     begun.add(k)
